@@ -1,0 +1,408 @@
+"""Tests for dar.py. Each checks the model against an oracle written here: a naive DAR
+attention straight from the formula in DESIGN.md, a functional GPT forward that reads a
+nanoGPT-named state dict, the uncached forward for the cache, the original model for a
+conversion."""
+
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import dar
+
+torch.set_num_threads(1)   # tiny tensors: threads cost more than they give
+
+
+# ----------------------------------------------------------------------------------------
+# Oracles
+
+def naive_dar_attention(q, k, v, window, far_k_dim, far_v_dim):
+    """The DESIGN.md formula, one (query, key) pair at a time. With far dims 0 there is no
+    far tier: a sliding window."""
+    B, H, T, d = q.shape
+    out = torch.zeros_like(q)
+    for i in range(T):
+        scores, values = [], []
+        for j in range(i + 1):
+            if i - j < window:
+                scores.append((q[:, :, i] * k[:, :, j]).sum(-1))
+                values.append(v[:, :, j])
+            elif far_k_dim > 0 or far_v_dim > 0:
+                scores.append((q[:, :, i, :far_k_dim] * k[:, :, j, :far_k_dim]).sum(-1))
+                padded = torch.zeros_like(v[:, :, j])
+                padded[..., :far_v_dim] = v[:, :, j, :far_v_dim]
+                values.append(padded)
+        a = torch.softmax(torch.stack(scores, -1) / math.sqrt(d), dim=-1)
+        out[:, :, i] = (a.unsqueeze(-1) * torch.stack(values, -2)).sum(-2)
+    return out
+
+
+def naive_shift(x, now, prev):
+    out = torch.zeros_like(x)
+    for t in range(x.size(2)):
+        before = x[:, :, t - 1] if t > 0 else torch.zeros_like(x[:, :, 0])
+        out[:, :, t] = now.view(1, -1, 1) * x[:, :, t] + prev.view(1, -1, 1) * before
+    return out
+
+
+def nanogpt_state_dict(cfg, std=0.3, seed=0):
+    """Random weights under nanoGPT's parameter names and shapes (large enough that
+    attention is peaked, so a wrong mask shows)."""
+    g = torch.Generator().manual_seed(seed)
+    C, V = cfg.n_embd, cfg.vocab_size
+    shapes = {"transformer.wte.weight": (V, C), "transformer.wpe.weight": (cfg.block_size, C),
+              "transformer.ln_f.weight": (C,)}
+    for l in range(cfg.n_layer):
+        p = f"transformer.h.{l}."
+        shapes.update({p + "ln_1.weight": (C,), p + "attn.c_attn.weight": (3 * C, C),
+                       p + "attn.c_proj.weight": (C, C), p + "ln_2.weight": (C,),
+                       p + "mlp.c_fc.weight": (4 * C, C), p + "mlp.c_proj.weight": (C, 4 * C)})
+    if cfg.bias:
+        shapes.update({k.replace(".weight", ".bias"): (s[0],) for k, s in shapes.items()
+                       if "wte" not in k and "wpe" not in k})
+    sd = {k: torch.randn(s, generator=g) * std for k, s in shapes.items()}
+    for k in sd:
+        if "ln_" in k and k.endswith(".weight"):
+            sd[k] = 1 + sd[k]
+    sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    return sd
+
+
+def naive_gpt(sd, cfg, idx):
+    """Logits at every position, computed functionally from a nanoGPT-named state dict."""
+    B, T = idx.shape
+    C, H, d = cfg.n_embd, cfg.n_head, cfg.head_dim
+    x = sd["transformer.wte.weight"][idx] + sd["transformer.wpe.weight"][:T]
+    for l in range(cfg.n_layer):
+        p = f"transformer.h.{l}."
+        lin = lambda x, name: F.linear(x, sd[p + name + ".weight"], sd.get(p + name + ".bias"))
+        ln = lambda x, name: F.layer_norm(x, (C,), sd[p + name + ".weight"], sd.get(p + name + ".bias"))
+        q, k, v = (t.view(B, T, H, d).transpose(1, 2) for t in lin(ln(x, "ln_1"), "attn.c_attn").split(C, 2))
+        if cfg.kv_shift:
+            k = naive_shift(k, sd[p + "attn.k_shift_now"], sd[p + "attn.k_shift_prev"])
+            v = naive_shift(v, sd[p + "attn.v_shift_now"], sd[p + "attn.v_shift_prev"])
+        y = naive_dar_attention(q, k, v, cfg.window, cfg.far_k_dim, cfg.far_v_dim)
+        x = x + lin(y.transpose(1, 2).reshape(B, T, C), "attn.c_proj")
+        x = x + lin(F.gelu(lin(ln(x, "ln_2"), "mlp.c_fc")), "mlp.c_proj")
+    x = F.layer_norm(x, (C,), sd["transformer.ln_f.weight"], sd.get("transformer.ln_f.bias"))
+    return x @ sd["lm_head.weight"].T
+
+
+def make_model(seed=0, **kw):
+    """A tiny GPT with nanoGPT-named random weights (+ random KV-shift mixes)."""
+    kw = {**dict(block_size=32, vocab_size=13, n_layer=2, n_head=2, n_embd=16), **kw}
+    cfg = dar.GPTConfig(**kw)
+    sd = nanogpt_state_dict(cfg, seed=seed)
+    if cfg.kv_shift:
+        g = torch.Generator().manual_seed(seed + 1)
+        for l in range(cfg.n_layer):
+            for name in ("k_shift_now", "k_shift_prev", "v_shift_now", "v_shift_prev"):
+                sd[f"transformer.h.{l}.attn.{name}"] = torch.randn(cfg.n_head, generator=g)
+    model = dar.GPT(cfg)
+    model.load_state_dict(sd)   # strict: every name and shape must match
+    return model.eval(), sd
+
+
+def all_logits(model, idx):
+    """Uncached logits at every position, one prefix at a time (nanoGPT's inference path)."""
+    return torch.cat([model(idx[:, :t + 1])[0] for t in range(idx.size(1))], dim=1)
+
+
+# (window, far_k_dim, far_v_dim) with head_dim 8: every regime of DESIGN.md and the edges
+REGIMES = {
+    "dar": (3, 2, 2),
+    "window1": (1, 2, 2),
+    "odd_dims": (3, 3, 5),
+    "k_ne_v": (4, 1, 6),
+    "far_k0": (3, 0, 4),
+    "far_v0": (3, 4, 0),
+    "uniform": (0, 2, 2),
+    "thin_keys": (0, 2, 8),
+    "sliding": (3, 0, 0),
+    "full_dims_small_window": (2, 8, 8),
+    "full_window": (64, 2, 2),
+}
+
+
+# ----------------------------------------------------------------------------------------
+# DAR attention
+
+@pytest.mark.parametrize("name", list(REGIMES) + ["window_T-1", "window_T"])
+@pytest.mark.parametrize("block", [None, 1, 2, 100])
+def test_attention_matches_naive(name, block):
+    T = 9
+    window, far_k_dim, far_v_dim = {"window_T-1": (T - 1, 2, 3), "window_T": (T, 2, 3)}.get(name) or REGIMES[name]
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 3, T, 8, generator=g) for _ in range(3))
+    got = dar.dar_attention(q, k, v, window, far_k_dim, far_v_dim, block=block)
+    want = naive_dar_attention(q, k, v, window, far_k_dim, far_v_dim)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [0, 1, 4, 20])
+def test_full_far_dims_is_full_attention(window):
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 10, 8, generator=g) for _ in range(3))
+    scores = (q @ k.transpose(-2, -1) / math.sqrt(8)).masked_fill(torch.ones(10, 10).triu(1).bool(), -math.inf)
+    want = torch.softmax(scores, -1) @ v
+    torch.testing.assert_close(dar.dar_attention(q, k, v, window, 8, 8), want, atol=1e-5, rtol=1e-5)
+
+
+def test_regimes_differ():
+    """The oracle comparisons mean something only if the regimes compute different things."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 12, 8, generator=g) for _ in range(3))
+    outs = [dar.dar_attention(q, k, v, *r) for r in [(3, 2, 2), (0, 2, 2), (3, 0, 0), (12, 8, 8)]]
+    for i in range(len(outs)):
+        for j in range(i):
+            assert (outs[i] - outs[j]).abs().max() > 1e-2
+
+
+# ----------------------------------------------------------------------------------------
+# The whole model
+
+@pytest.mark.parametrize("name", REGIMES)
+@pytest.mark.parametrize("kv_shift", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_model_matches_naive_gpt(name, kv_shift, bias):
+    window, far_k_dim, far_v_dim = REGIMES[name]
+    model, sd = make_model(window=window, far_k_dim=far_k_dim, far_v_dim=far_v_dim,
+                           kv_shift=kv_shift, bias=bias)
+    idx = torch.randint(0, 13, (2, 11), generator=torch.Generator().manual_seed(4))
+    logits, loss = model(idx, targets=idx)
+    want = naive_gpt(sd, model.config, idx)
+    torch.testing.assert_close(logits, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(loss, F.cross_entropy(want.view(-1, 13), idx.view(-1)), atol=1e-4, rtol=1e-4)
+    last, no_loss = model(idx)
+    assert no_loss is None and last.shape == (2, 1, 13)
+    torch.testing.assert_close(last[:, 0], want[:, -1], atol=1e-4, rtol=1e-4)
+
+
+def test_nanogpt_state_dict_loads_as_full_model():
+    """nanoGPT's names and shapes, no extra parameters, weights tied; logits equal."""
+    model, sd = make_model(window=32, far_k_dim=8, far_v_dim=8)
+    assert set(model.state_dict()) == set(sd)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    idx = torch.randint(0, 13, (3, 32), generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(model(idx, targets=idx)[0], naive_gpt(sd, model.config, idx), atol=1e-4, rtol=1e-4)
+
+
+def test_same_parameter_count_in_every_regime():
+    counts = {dar.GPT(dar.GPTConfig(window=w, far_k_dim=k, far_v_dim=v)).get_num_params()
+              for w, k, v in [(256, 32, 32), (64, 8, 8), (0, 8, 8), (0, 8, 32), (64, 0, 0)]}
+    assert len(counts) == 1
+
+
+@pytest.mark.parametrize("kv_shift", [False, True])
+def test_causality(kv_shift):
+    model, _ = make_model(window=3, far_k_dim=2, far_v_dim=3, kv_shift=kv_shift)
+    idx = torch.randint(0, 13, (1, 14), generator=torch.Generator().manual_seed(6))
+    changed = idx.clone()
+    changed[0, 8] = (idx[0, 8] + 1) % 13
+    a, b = model(idx, targets=idx)[0], model(changed, targets=idx)[0]
+    torch.testing.assert_close(a[:, :8], b[:, :8], atol=0, rtol=0)
+    assert (a[:, 8:] - b[:, 8:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("far_dims, ignores", [((0, 0), True), ((2, 2), False)])
+def test_one_layer_sliding_window_ignores_distant_tokens(far_dims, ignores):
+    window, T = 4, 12
+    model, _ = make_model(n_layer=1, window=window, far_k_dim=far_dims[0], far_v_dim=far_dims[1])
+    idx = torch.randint(0, 13, (1, T), generator=torch.Generator().manual_seed(7))
+    changed = idx.clone()
+    changed[0, :T - window] = (idx[0, :T - window] + 5) % 13   # every token at distance >= window
+    diff = (model(idx)[0] - model(changed)[0]).abs().max()
+    assert (diff == 0) if ignores else (diff > 1e-3)
+
+
+def test_dropout_trains():
+    model, _ = make_model(window=3, far_k_dim=2, far_v_dim=2, dropout=0.2)
+    model.train()
+    idx = torch.randint(0, 13, (2, 16))
+    _, loss = model(idx, targets=idx)
+    loss.backward()
+    assert torch.isfinite(loss) and model.lm_head.weight.grad is not None
+
+
+# ----------------------------------------------------------------------------------------
+# The two-tier cache
+
+@pytest.mark.parametrize("name", REGIMES)
+@pytest.mark.parametrize("kv_shift", [False, True])
+@pytest.mark.parametrize("prompt_len", [2, 3, 7])   # shorter than, equal to, longer than window 3
+def test_cache_matches_uncached(name, kv_shift, prompt_len):
+    window, far_k_dim, far_v_dim = REGIMES[name]
+    model, _ = make_model(window=window, far_k_dim=far_k_dim, far_v_dim=far_v_dim, kv_shift=kv_shift)
+    idx = torch.randint(0, 13, (2, 20), generator=torch.Generator().manual_seed(8))
+    want = all_logits(model, idx)
+    cache = model.new_cache(2)
+    got = [model(idx[:, :prompt_len], cache=cache)[0]]
+    for t in range(prompt_len, 14):        # one token at a time, across the tier boundary
+        got.append(model(idx[:, t:t + 1], cache=cache)[0])
+    got.append(model(idx[:, 14:20], cache=cache)[0])   # a chunk after a non-empty cache
+    want = torch.cat([want[:, prompt_len - 1:14], want[:, 19:]], dim=1)
+    torch.testing.assert_close(torch.cat(got, dim=1), want, atol=1e-5, rtol=1e-5)
+    assert cache.length == 20
+
+
+def formula_nbytes(cfg, B, T, element_size=4):
+    d, W = cfg.head_dim, cfg.window
+    per_layer = B * cfg.n_head * (min(T, W) * 2 * d + max(0, T - W) * (cfg.far_k_dim + cfg.far_v_dim))
+    return cfg.n_layer * per_layer * element_size
+
+
+@pytest.mark.parametrize("name", ["dar", "odd_dims", "uniform", "thin_keys", "sliding", "full_window"])
+@pytest.mark.parametrize("kv_shift", [False, True])
+def test_cache_nbytes_is_the_formula(name, kv_shift):
+    window, far_k_dim, far_v_dim = REGIMES[name]
+    model, _ = make_model(window=window, far_k_dim=far_k_dim, far_v_dim=far_v_dim, kv_shift=kv_shift)
+    cfg, B = model.config, 2
+    idx = torch.randint(0, 13, (B, 32))
+    cache = model.new_cache(B)
+    assert cache.nbytes == 0
+    model(idx[:, :5], cache=cache)
+    for t in range(5, 32):
+        T = cache.length
+        # kv_shift also holds the last raw key and value: 2d per head per layer, not per token
+        shift = cfg.n_layer * B * cfg.n_head * 2 * cfg.head_dim * 4 if kv_shift else 0
+        assert cache.nbytes == formula_nbytes(cfg, B, T) + shift
+        local_bytes = cfg.n_layer * B * cfg.n_head * min(T, cfg.window) * 2 * cfg.head_dim * 4
+        assert cache.tier_nbytes() == (local_bytes, formula_nbytes(cfg, B, T) - local_bytes)
+        # and nothing else is held: every tensor the cache keeps, its whole storage, is that
+        held = [t for layer in cache.layers for t in vars(layer).values() if torch.is_tensor(t)]
+        storage = sum(t.untyped_storage().nbytes() for t in held)
+        assert storage == cache.nbytes
+        model(idx[:, t:t + 1], cache=cache)
+
+
+def test_cache_ratio_approaches_far_over_full():
+    kw = dict(block_size=512, vocab_size=13, n_layer=1, n_head=2, n_embd=32)   # head_dim 16
+    dar_model = dar.GPT(dar.GPTConfig(window=8, far_k_dim=4, far_v_dim=2, **kw)).eval()
+    full_model = dar.GPT(dar.GPTConfig(window=512, far_k_dim=16, far_v_dim=16, **kw)).eval()
+    idx = torch.randint(0, 13, (1, 512))
+    ratios = []
+    for T in (64, 256, 512):
+        caches = [m.new_cache(1) for m in (dar_model, full_model)]
+        for m, c in zip((dar_model, full_model), caches):
+            m(idx[:, :T], cache=c)
+        ratios.append(caches[0].nbytes / caches[1].nbytes)
+    limit = (4 + 2) / (2 * 16)
+    # the window's full-dimension tokens are the whole gap, and it shrinks as window / T
+    for T, ratio in zip((64, 256, 512), ratios):
+        assert ratio > limit and math.isclose((ratio - limit) * T, 8 * (1 - limit))
+
+
+def test_cache_rejects_overflow_and_targets():
+    model, _ = make_model(block_size=8, window=3, far_k_dim=2, far_v_dim=2)
+    cache = model.new_cache(1)
+    idx = torch.zeros(1, 8, dtype=torch.long)
+    model(idx, cache=cache)
+    with pytest.raises(ValueError, match="block_size"):
+        model(idx[:, :1], cache=cache)
+    with pytest.raises(ValueError):
+        model(idx, targets=idx, cache=model.new_cache(1))
+
+
+# ----------------------------------------------------------------------------------------
+# Generation
+
+@pytest.mark.parametrize("name", ["dar", "uniform", "sliding", "full_window"])
+@pytest.mark.parametrize("kv_shift", [False, True])
+def test_greedy_generate_same_with_and_without_cache(name, kv_shift):
+    window, far_k_dim, far_v_dim = REGIMES[name]
+    model, _ = make_model(window=window, far_k_dim=far_k_dim, far_v_dim=far_v_dim, kv_shift=kv_shift)
+    prompt = torch.randint(0, 13, (2, 5), generator=torch.Generator().manual_seed(9))
+    cached = model.generate(prompt, 27, top_k=1)
+    plain = model.generate(prompt, 27, top_k=1, use_cache=False)
+    assert cached.shape == (2, 32)
+    assert torch.equal(cached, plain)
+    assert torch.equal(cached[:, :5], prompt)
+
+
+def test_generate_past_block_size_with_bounded_work():
+    model, _ = make_model(block_size=16, window=3, far_k_dim=2, far_v_dim=2)
+    processed = []   # tokens run through the model, counted at the embedding
+    model.transformer.wte.register_forward_hook(lambda m, inp, out: processed.append(inp[0].numel()))
+    prompt = torch.randint(0, 13, (1, 20))   # already longer than block_size
+    work = {}
+    for use_cache in (True, False):
+        processed.clear()
+        assert model.generate(prompt, 50, top_k=1, use_cache=use_cache).shape == (1, 70)
+        work[use_cache] = sum(processed)
+    assert work[False] == 50 * 16   # nanoGPT: the last block_size tokens every step
+    # cached: one prefill of 16, then one token a step and a re-prefill of 8 every 8 steps
+    assert work[True] <= 16 + 50 + (50 // 8 + 1) * 8
+
+
+def test_sampling_is_seeded_and_checks_temperature():
+    model, _ = make_model(window=3, far_k_dim=2, far_v_dim=2)
+    prompt = torch.zeros(1, 1, dtype=torch.long)
+    torch.manual_seed(0)
+    a = model.generate(prompt, 10, temperature=0.8, top_k=5)
+    torch.manual_seed(0)
+    b = model.generate(prompt, 10, temperature=0.8, top_k=5)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(prompt, 1, temperature=0)
+
+
+# ----------------------------------------------------------------------------------------
+# Conversion
+
+@pytest.mark.parametrize("kv_shift", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_convert_is_exact_at_full_dims(kv_shift, bias):
+    model, _ = make_model(window=32, far_k_dim=8, far_v_dim=8, kv_shift=kv_shift, bias=bias)
+    converted = dar.convert(model, window=3, far_k_dim=8, far_v_dim=8)
+    assert converted.config.window == 3
+    c_attn = "transformer.h.0.attn.c_attn.weight"
+    assert (converted.state_dict()[c_attn] - model.state_dict()[c_attn]).abs().max() > 1e-2   # rotated
+    idx = torch.randint(0, 13, (2, 32), generator=torch.Generator().manual_seed(10))
+    torch.testing.assert_close(converted(idx, targets=idx)[0], model(idx, targets=idx)[0], atol=1e-4, rtol=1e-4)
+
+
+def test_convert_error_decreases_with_far_dims_and_beats_plain_truncation():
+    model, sd = make_model(window=32, far_k_dim=8, far_v_dim=8, bias=False)
+    idx = torch.randint(0, 13, (4, 32), generator=torch.Generator().manual_seed(11))
+    want = model(idx, targets=idx)[0]
+    error = lambda m: (m(idx, targets=idx)[0] - want).pow(2).mean().item()
+    errors = [error(dar.convert(model, 2, r, r)) for r in (1, 2, 4, 6, 8)]
+    assert all(a > b for a, b in zip(errors, errors[1:])) and errors[-1] < 1e-8
+    truncated = dar.GPT(dar.GPTConfig(**{**vars(model.config), "window": 2, "far_k_dim": 2, "far_v_dim": 2}))
+    truncated.load_state_dict(sd)   # same weights, no rotation
+    assert errors[1] < error(truncated.eval())
+
+
+def test_convert_needs_a_full_model():
+    model, _ = make_model(window=3, far_k_dim=2, far_v_dim=2)
+    with pytest.raises(ValueError, match="full"):
+        dar.convert(model, 3, 2, 2)
+
+
+# ----------------------------------------------------------------------------------------
+# Configuration
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(n_embd=30, n_head=4), "n_embd"),
+    (dict(far_k_dim=33), "far_k_dim"),
+    (dict(far_k_dim=-1), "far_k_dim"),
+    (dict(far_v_dim=33), "far_v_dim"),
+    (dict(far_v_dim=-2), "far_v_dim"),
+    (dict(window=-1), "window"),
+    (dict(window=0, far_k_dim=0, far_v_dim=0), "window"),
+    (dict(n_head=0), "n_head"),
+    (dict(n_layer=0), "n_layer"),
+    (dict(block_size=0), "block_size"),
+    (dict(vocab_size=0), "vocab_size"),
+    (dict(dropout=1.0), "dropout"),
+])
+def test_invalid_config_raises(kw, field):
+    with pytest.raises(ValueError, match=field):
+        dar.GPTConfig(**kw)
+
+
+def test_default_config_is_dar():
+    cfg = dar.GPTConfig()
+    assert (cfg.window, cfg.far_k_dim, cfg.far_v_dim) == (64, cfg.head_dim // 4, cfg.head_dim // 4)
+    assert not cfg.is_full
