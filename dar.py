@@ -234,9 +234,12 @@ class KVCache:
     """One LayerCache per layer. Create with GPT.new_cache(batch_size)."""
 
     def __init__(self, config, batch_size):
-        self.batch_size = batch_size
-        self.layers = [LayerCache(config.window, config.far_k_dim, config.far_v_dim)
-                       for _ in range(config.n_layer)]
+        self.config, self.batch_size = config, batch_size
+        self.reset()
+
+    def reset(self):
+        self.layers = [LayerCache(self.config.window, self.config.far_k_dim, self.config.far_v_dim)
+                       for _ in range(self.config.n_layer)]
 
     @property
     def length(self):
@@ -374,21 +377,24 @@ class GPT(nn.Module):
         return logits, loss
 
     @torch.no_grad()
-    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True,
+                        cache=None):
         """Yield (B, 1) sampled tokens one at a time, continuing idx (B, T).
 
         use_cache=False recomputes the last block_size tokens every step, as nanoGPT does.
-        With the cache, a full context keeps its last block_size // 2 tokens and is
-        prefilled again, so each token costs O(block_size) on average."""
+        With the cache (pass one to inspect it), a full context keeps its last
+        block_size // 2 tokens and is prefilled again: O(block_size) a token on average."""
         if temperature <= 0:
             raise ValueError(f"temperature={temperature} must be > 0 (use top_k=1 for greedy)")
-        block_size, cache = self.config.block_size, None
-        for _ in range(max_new_tokens):
+        block_size = self.config.block_size
+        if use_cache and cache is None:
+            cache = self.new_cache(idx.size(0))
+        for step in range(max_new_tokens):
             if not use_cache:
                 logits, _ = self(idx[:, -block_size:])
-            elif cache is None or cache.length == block_size:
-                keep = block_size if cache is None else max(1, block_size // 2)
-                cache = self.new_cache(idx.size(0))
+            elif step == 0 or cache.length == block_size:
+                keep = block_size if step == 0 else max(1, block_size // 2)
+                cache.reset()
                 logits, _ = self(idx[:, -keep:], cache=cache)
             else:
                 logits, _ = self(idx[:, -1:], cache=cache)
