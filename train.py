@@ -1,0 +1,401 @@
+"""
+Train a DAR GPT. With no arguments: prepare Shakespeare (characters) if it is missing,
+train a small DAR model sized for the device found (a few minutes on a laptop CPU, about
+nanoGPT's baby Shakespeare on a CUDA GPU), and print a sample from the best checkpoint.
+
+    python train.py
+    python train.py --dataset mine_char --window 32 --far_k_dim 4 --far_v_dim 4
+    python train.py --init_from resume                  # after an interruption
+    python train.py --init_from convert --convert_from full/ckpt_best.pt --max_iters 200
+    torchrun --standalone --nproc_per_node=2 train.py   # DDP: nccl on CUDA, gloo on CPU
+
+Every setting is a field of TrainConfig below, and a flag of the same name.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import dar
+from data.prepare import DATA_DIR, Tokenizer
+from data.prepare import main as prepare_default_dataset
+from sample import CHECKPOINT_FORMAT, autocast, cache_report, load_checkpoint, \
+    model_from_checkpoint, pick_device, read_checkpoint, stream_sample
+
+DEFAULT_DATASET = "shakespeare_char"
+
+
+@dataclass
+class TrainConfig:
+    # data and output
+    dataset: str = DEFAULT_DATASET   # a folder under data/ (or a path) with train.bin, val.bin, meta.json
+    out_dir: str = "out"             # checkpoints: ckpt_last.pt, ckpt_best.pt
+    init_from: str = "scratch"       # scratch | resume (OUT_DIR/ckpt_last.pt) | convert
+    convert_from: str = ""           # for convert: a full-dimension checkpoint, ours or nanoGPT's
+    # model (ignored by resume and convert, which take the checkpoint's)
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 128
+    dropout: float = 0.0
+    bias: bool = False
+    window: int = 32                 # DAR: tokens at distance < window keep full dimensions
+    far_k_dim: int = 8               # key coordinates kept beyond the window
+    far_v_dim: int = 8               # value coordinates kept beyond the window
+    kv_shift: bool = False
+    # optimisation
+    batch_size: int = 12
+    gradient_accumulation_steps: int = 1
+    max_iters: int = 1250
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 50
+    lr_decay_iters: int = 0          # cosine decay ends here; 0: max_iters
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0           # 0: off
+    # evaluation, logging, the closing sample
+    eval_interval: int = 250
+    eval_iters: int = 20
+    log_interval: int = 10
+    sample_tokens: int = 300         # sample printed at the end from the best checkpoint; 0: none
+    # system
+    device: str = "auto"             # auto: cuda, then mps, then cpu
+    dtype: str = "auto"              # auto: bfloat16 on CUDA where supported, else float16; cpu float32
+    compile: bool = False            # torch.compile the model
+    seed: int = 1337
+
+
+# On a CUDA GPU the defaults grow to about nanoGPT's baby Shakespeare model.
+CUDA_DEFAULTS = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, window=64,
+                     far_k_dim=16, far_v_dim=16, batch_size=64, max_iters=5000, warmup_iters=100,
+                     eval_iters=200)
+
+
+def parse_args(argv):
+    """Only the flags given on the command line, as a dict (so defaults can depend on the
+    device, and resume can keep the checkpoint's settings)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                argument_default=argparse.SUPPRESS)
+    for f in dataclasses.fields(TrainConfig):
+        cuda = f" (CUDA: {CUDA_DEFAULTS[f.name]})" if f.name in CUDA_DEFAULTS else ""
+        help = f"default: {f.default!r}{cuda}"
+        if f.type is bool:
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=help)
+        else:
+            p.add_argument(f"--{f.name}", type=f.type, help=help, metavar=f.type.__name__.upper(),
+                           choices={"init_from": ["scratch", "resume", "convert"],
+                                    "dtype": ["auto", "float32", "bfloat16", "float16"]}.get(f.name))
+    return vars(p.parse_args(argv))
+
+
+def settings(given, device, resumed=None):
+    """Defaults, then the CUDA sizes (or, on resume, the checkpoint's settings), then flags."""
+    base = dataclasses.asdict(TrainConfig())
+    if resumed is not None:
+        base.update(resumed)
+    elif torch.device(device).type == "cuda":
+        base.update(CUDA_DEFAULTS)
+    cfg = TrainConfig(**{**base, **given})
+    for name in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name}={getattr(cfg, name)} must be at least 1")
+    if cfg.max_iters < 0 or cfg.learning_rate <= 0 or cfg.min_lr < 0:
+        raise ValueError("max_iters must be >= 0, learning_rate > 0 and min_lr >= 0")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------
+# data
+
+def open_dataset(cfg, master):
+    """meta.json and the two token files, checked; prepares the default corpus if missing."""
+    data_dir = cfg.dataset if os.sep in cfg.dataset else os.path.join(DATA_DIR, cfg.dataset)
+    meta_path = os.path.join(data_dir, "meta.json")
+    if not os.path.exists(meta_path) and cfg.dataset == DEFAULT_DATASET and master:
+        prepare_default_dataset([])
+    if dist.is_initialized():
+        dist.barrier()
+    if not os.path.exists(meta_path):
+        raise ValueError(f"no dataset at {data_dir} (meta.json missing); make one with "
+                         f"python data/prepare.py --input FILE --name {os.path.basename(data_dir)}")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        tokenizer = Tokenizer(meta)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{meta_path} is not a valid tokenizer description ({e})")
+    data = {}
+    for split in ("train", "val"):
+        path = os.path.join(data_dir, f"{split}.bin")
+        if not os.path.exists(path) or os.path.getsize(path) % 2:
+            raise ValueError(f"{path} is missing or not a file of uint16 token ids")
+        data[split] = np.memmap(path, dtype=np.uint16, mode="r")
+        if len(data[split]) <= cfg.block_size + 1:
+            raise ValueError(f"{path} has {len(data[split])} tokens, too few for block_size={cfg.block_size}")
+        if data[split].max() >= tokenizer.vocab_size:
+            raise ValueError(f"{path} holds token ids >= vocab_size {tokenizer.vocab_size}: "
+                             "corrupted, or prepared with another tokenizer")
+    return data, tokenizer
+
+
+def get_batch(data, cfg, rng, device):
+    """A random batch of (input, target) sequences; `rng` decides which, so a run (and a
+    resumed run) sees the same data for the same seed."""
+    ix = rng.integers(0, len(data) - cfg.block_size - 1, size=cfg.batch_size)
+    x = torch.from_numpy(np.stack([data[i:i + cfg.block_size] for i in ix]).astype(np.int64))
+    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + cfg.block_size] for i in ix]).astype(np.int64))
+    if torch.device(device).type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+@torch.no_grad()
+def estimate_loss(model, data, cfg, device, ctx):
+    """Mean loss over eval_iters batches per split; the same batches at every evaluation."""
+    model.eval()
+    losses = {}
+    for split in ("train", "val"):
+        rng = np.random.default_rng([cfg.seed, 1 << 30])
+        total = 0.0
+        for _ in range(cfg.eval_iters):
+            x, y = get_batch(data[split], cfg, rng, device)
+            with ctx:
+                total += model(x, y)[1].item()
+        losses[split] = total / cfg.eval_iters
+    model.train()
+    return losses
+
+
+# ----------------------------------------------------------------------------------------
+# model, optimizer, checkpoints
+
+def configure_optimizer(model, cfg, device):
+    """AdamW; weight decay on matrices only (not biases, LayerNorms or KV-shift mixes)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    fused = torch.device(device).type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+def full_model_from(path, device, dropout):
+    """The model in one of our checkpoints or a nanoGPT one (its model_args and weights),
+    with the dropout of this run."""
+    ckpt = read_checkpoint(path, device)
+    if ckpt.get("format") == CHECKPOINT_FORMAT:
+        config, state = ckpt["model_config"], ckpt["model"]
+    elif "model_args" in ckpt and "model" in ckpt:   # nanoGPT: a full-attention GPT
+        config = {k: ckpt["model_args"][k] for k in
+                  ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")}
+        head_dim = config["n_embd"] // config["n_head"]
+        config.update(window=config["block_size"], far_k_dim=head_dim, far_v_dim=head_dim)
+        state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
+    else:
+        raise ValueError(f"{path} is neither a dar nor a nanoGPT checkpoint")
+    return model_from_checkpoint({"model_config": {**config, "dropout": dropout}, "model": state}, device)
+
+
+def build_model(cfg, tokenizer, device, resumed):
+    if resumed is not None:
+        return model_from_checkpoint(resumed, device).train()
+    if cfg.init_from == "convert":
+        full = full_model_from(cfg.convert_from, device, cfg.dropout)
+        if full.config.vocab_size < tokenizer.vocab_size:
+            raise ValueError(f"{cfg.convert_from} has vocab_size {full.config.vocab_size}, "
+                             f"the dataset needs {tokenizer.vocab_size}")
+        return dar.convert(full, cfg.window, cfg.far_k_dim, cfg.far_v_dim).train()
+    config = dar.GPTConfig(vocab_size=tokenizer.vocab_size, **{
+        f: getattr(cfg, f) for f in ("n_layer", "n_head", "n_embd", "block_size", "dropout",
+                                     "bias", "window", "far_k_dim", "far_v_dim", "kv_shift")})
+    return dar.GPT(config).to(device)
+
+
+def save_checkpoint(path, model, optimizer, cfg, tokenizer, iter_num, best_val_loss, val_loss):
+    """Atomically: a temporary file, flushed to disk, then renamed over the old one."""
+    ckpt = {"format": CHECKPOINT_FORMAT, "model_config": dataclasses.asdict(model.config),
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "iter_num": iter_num, "best_val_loss": best_val_loss, "val_loss": val_loss,
+            "train_config": dataclasses.asdict(cfg), "tokenizer": tokenizer.meta,
+            "rng_state": torch.get_rng_state()}
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def lr_at(it, cfg):
+    """Linear warm-up, then cosine decay to min_lr at lr_decay_iters (nanoGPT's schedule)."""
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= decay_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+# ----------------------------------------------------------------------------------------
+# the training loop
+
+def format_time(seconds):
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+def evaluate_and_save(model, optimizer, data, cfg, tokenizer, state, device, ctx):
+    losses = estimate_loss(model, data, cfg, device, ctx)
+    if not all(math.isfinite(v) for v in losses.values()):
+        raise FloatingPointError(f"evaluation loss is {losses['val']} at iter {state['iter_num']}")
+    best = losses["val"] < state["best_val_loss"]
+    state["best_val_loss"] = min(state["best_val_loss"], losses["val"])
+    for name in ["last"] + (["best"] if best else []):
+        save_checkpoint(os.path.join(cfg.out_dir, f"ckpt_{name}.pt"), model, optimizer, cfg, tokenizer,
+                        state["iter_num"], state["best_val_loss"], losses["val"])
+    print(f"eval {state['iter_num']}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+          f"{' (best, saved)' if best else ''}", flush=True)
+
+
+def train(model, optimizer, data, cfg, tokenizer, state, device, ctx, dtype, ddp):
+    """Runs iterations state['iter_num'] .. max_iters, evaluating and checkpointing on the
+    master every eval_interval iterations and at the end."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    train_model = torch.compile(model) if cfg.compile else model
+    if ddp:
+        train_model = DDP(train_model, device_ids=[torch.device(device).index] if "cuda" in device else None)
+    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=dtype == "float16")
+    tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * world
+    start_iter, t_start, t_last = state["iter_num"], time.time(), time.time()
+    while True:
+        it = state["iter_num"]
+        if rank == 0 and (it % cfg.eval_interval == 0 or it == cfg.max_iters):
+            t_eval = time.time()
+            evaluate_and_save(model, optimizer, data, cfg, tokenizer, state, device, ctx)
+            t_last += time.time() - t_eval   # ms/iter and tok/s count training only
+        if it >= cfg.max_iters:
+            return
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(it, cfg)
+        rng = np.random.default_rng([cfg.seed, rank, it])   # this iteration's batches
+        loss_sum = 0.0
+        for micro in range(cfg.gradient_accumulation_steps):
+            if ddp:   # synchronise gradients on the last micro-step only
+                train_model.require_backward_grad_sync = micro == cfg.gradient_accumulation_steps - 1
+            x, y = get_batch(data["train"], cfg, rng, device)
+            with ctx:
+                loss = train_model(x, y)[1] / cfg.gradient_accumulation_steps
+            scaler.scale(loss).backward()
+            loss_sum += loss.item()
+        if not math.isfinite(loss_sum):
+            raise FloatingPointError(f"training loss is {loss_sum} at iter {it}")
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        state["iter_num"] = it + 1
+        if rank == 0 and (it + 1) % cfg.log_interval == 0:
+            now = time.time()
+            per_iter = (now - t_last) / cfg.log_interval
+            left = (now - t_start) / (it + 1 - start_iter) * (cfg.max_iters - it - 1)
+            print(f"iter {it + 1}/{cfg.max_iters}: loss {loss_sum:.4f}, lr {lr_at(it, cfg):.2e}, "
+                  f"{per_iter * 1000:.0f} ms/iter, {tokens_per_iter / per_iter:,.0f} tok/s, "
+                  f"{format_time(left)} left", flush=True)
+            t_last = now
+
+
+def closing_sample(cfg, device, ctx):
+    """A short sample from the best checkpoint, decoded with the two-tier cache."""
+    path = os.path.join(cfg.out_dir, "ckpt_best.pt")
+    ckpt = load_checkpoint(path, device)
+    model, tokenizer = model_from_checkpoint(ckpt, device), Tokenizer(ckpt["tokenizer"])
+    print(f"--- sample from {path} (iter {ckpt['iter_num']}, val loss {ckpt['val_loss']:.4f}), "
+          "decoded with the two-tier KV cache ---")
+    torch.manual_seed(cfg.seed)
+    try:
+        prompt = tokenizer.encode("\n")
+    except ValueError:   # a character vocabulary without newlines
+        prompt = [0]
+    tokens_per_s, longest = stream_sample(model, tokenizer, prompt, cfg.sample_tokens, ctx=ctx)
+    print(f"\n--- {cache_report(model.config, longest)}; {tokens_per_s:.0f} tokens/s ---")
+
+
+def setup(argv):
+    """Settings, process group, device, data, model, optimizer and the resumed state."""
+    given = parse_args(argv)
+    ddp = "RANK" in os.environ
+    device = pick_device(given.get("device", "auto"))
+    if ddp:
+        cuda = torch.device(device).type == "cuda"
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        if cuda:
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(device)
+    resumed = None
+    if given.get("init_from") == "resume":
+        resumed = load_checkpoint(os.path.join(given.get("out_dir", "out"), "ckpt_last.pt"), device)
+    cfg = settings(given, device, None if resumed is None else resumed["train_config"])
+    cfg.init_from = given.get("init_from", "scratch")
+    if ddp:
+        world = dist.get_world_size()
+        if cfg.gradient_accumulation_steps % world:
+            raise ValueError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} "
+                             f"must be divisible by the {world} processes")
+        cfg.gradient_accumulation_steps //= world
+    master = not ddp or dist.get_rank() == 0
+    torch.manual_seed(cfg.seed + (dist.get_rank() if ddp else 0))
+    data, tokenizer = open_dataset(cfg, master)
+    if resumed is not None and resumed["tokenizer"]["vocab_size"] != tokenizer.vocab_size:
+        raise ValueError(f"the checkpoint's tokenizer does not match dataset {cfg.dataset}")
+    model = build_model(cfg, tokenizer, device, resumed)
+    optimizer = configure_optimizer(model, cfg, device)
+    state = {"iter_num": 0, "best_val_loss": float("inf")}
+    if resumed is not None:
+        optimizer.load_state_dict(resumed["optimizer"])
+        state = {"iter_num": resumed["iter_num"], "best_val_loss": resumed["best_val_loss"]}
+        torch.set_rng_state(resumed["rng_state"].cpu())
+    return cfg, device, data, tokenizer, model, optimizer, state, ddp, master
+
+
+def main(argv=None):
+    try:
+        cfg, device, data, tokenizer, model, optimizer, state, ddp, master = setup(argv)
+        ctx, dtype = autocast(device, cfg.dtype)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    if master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        c = model.config
+        print(f"device {device}, {dtype}; {model.get_num_params() / 1e6:.2f}M parameters; "
+              f"n_layer {c.n_layer}, n_head {c.n_head}, n_embd {c.n_embd}, block_size {c.block_size}; "
+              f"window {c.window}, far_k_dim {c.far_k_dim}, far_v_dim {c.far_v_dim}, "
+              f"kv_shift {c.kv_shift}; from iter {state['iter_num']}", flush=True)
+    try:
+        train(model, optimizer, data, cfg, tokenizer, state, device, ctx, dtype, ddp)
+    except FloatingPointError as e:
+        last = os.path.join(cfg.out_dir, "ckpt_last.pt")
+        sys.exit(f"error: {e}; stopped. The last good checkpoint is untouched: {last}")
+    except KeyboardInterrupt:
+        sys.exit(f"interrupted at iter {state['iter_num']}; continue with --init_from resume")
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+    if master and cfg.sample_tokens > 0:
+        closing_sample(cfg, device, ctx)
+
+
+if __name__ == "__main__":
+    main()
