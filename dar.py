@@ -14,6 +14,7 @@ Sections, top to bottom:
   4. LayerCache, KVCache  the two-tier cache: a ring buffer of full keys, a truncated store
   5. GPT                  nanoGPT's model with DAR attention; forward, cached forward, generate
   6. convert              rotate a trained full-dimension model so truncation loses least
+                          (by the weights' SVD, or PCA of keys/values on a calibration batch)
 """
 
 import math
@@ -420,22 +421,55 @@ class GPT(nn.Module):
 # of them are the best truncation the weights allow. Values likewise with W_V's SVD, the
 # matching columns of the output projection absorbing U_v. KV shifting mixes whole vectors
 # with scalars, so it commutes with the rotation.
+# Data-aware variant: with a calibration batch, U is instead the principal axes (PCA, about
+# the origin) of the keys and values the model computes on it, so the leading coordinates
+# hold the most energy of real activations, biases included.
+
+def principal_axes(moment):
+    """Orthogonal (d, d) matrix whose columns are eigenvectors, largest eigenvalue first."""
+    return torch.linalg.eigh(moment)[1].flip(-1)
+
 
 @torch.no_grad()
-def convert(model, window, far_k_dim, far_v_dim):
+def key_value_moments(model, idx):
+    """Per layer, the (n_head, d, d) second moments of raw keys and of raw values on idx."""
+    C, H = model.config.n_embd, model.config.n_head
+    moments = []
+    def record(module, inputs, output):
+        _, k, v = output.double().split(C, dim=2)
+        k, v = (t.reshape(-1, H, C // H) for t in (k, v))
+        moments.append(tuple(torch.einsum("nhi,nhj->hij", t, t) / t.size(0) for t in (k, v)))
+    hooks = [b.attn.c_attn.register_forward_hook(record) for b in model.transformer.h]
+    was_training = model.training
+    model.eval()   # no dropout in what is measured
+    model(idx)
+    model.train(was_training)
+    for hook in hooks:
+        hook.remove()
+    return moments
+
+
+@torch.no_grad()
+def convert(model, window, far_k_dim, far_v_dim, calibration=None):
+    """A copy of a full-dimension model, rotated per head and set to the new tiers.
+    calibration: optional (B, T) token ids for the data-aware (PCA) rotation."""
     if not model.config.is_full:
         raise ValueError("convert expects a full-dimension model (far dims = head_dim)")
     config = replace(model.config, window=window, far_k_dim=far_k_dim, far_v_dim=far_v_dim)
     param = next(model.parameters())
     new = GPT(config).to(device=param.device, dtype=param.dtype)
     new.load_state_dict(model.state_dict())
+    moments = None if calibration is None else key_value_moments(model, calibration)
     C, d = config.n_embd, config.head_dim
-    for block in new.transformer.h:
+    for layer, block in enumerate(new.transformer.h):
         c_attn, c_proj = block.attn.c_attn, block.attn.c_proj
         for h in range(config.n_head):
             q, k, v = (slice(part * C + h * d, part * C + (h + 1) * d) for part in range(3))
-            U_k = torch.linalg.svd(c_attn.weight[k].double(), full_matrices=False)[0]
-            U_v = torch.linalg.svd(c_attn.weight[v].double(), full_matrices=False)[0]
+            if moments is None:
+                U_k = torch.linalg.svd(c_attn.weight[k].double(), full_matrices=False)[0]
+                U_v = torch.linalg.svd(c_attn.weight[v].double(), full_matrices=False)[0]
+            else:
+                U_k, U_v = (principal_axes(m[h]) for m in moments[layer])
             for rows, U in ((q, U_k), (k, U_k), (v, U_v)):
                 c_attn.weight[rows] = (U.T @ c_attn.weight[rows].double()).to(param.dtype)
                 if c_attn.bias is not None:

@@ -374,6 +374,45 @@ def test_convert_error_decreases_with_far_dims_and_beats_plain_truncation():
     assert errors[1] < error(truncated.eval())
 
 
+@pytest.mark.parametrize("kv_shift", [False, True])
+def test_data_aware_convert_is_exact_at_full_dims(kv_shift):
+    model, _ = make_model(window=32, far_k_dim=8, far_v_dim=8, kv_shift=kv_shift)
+    calibration = torch.randint(0, 13, (4, 32), generator=torch.Generator().manual_seed(12))
+    converted = dar.convert(model, window=3, far_k_dim=8, far_v_dim=8, calibration=calibration)
+    idx = torch.randint(0, 13, (2, 32), generator=torch.Generator().manual_seed(13))
+    torch.testing.assert_close(converted(idx, targets=idx)[0], model(idx, targets=idx)[0], atol=1e-4, rtol=1e-4)
+
+
+def leading_key_energy(model, idx, r):
+    """Fraction of the keys' squared norm in their first r coordinates, over idx."""
+    C, H = model.config.n_embd, model.config.n_head
+    keys = []
+    hook = model.transformer.h[0].attn.c_attn.register_forward_hook(
+        lambda m, i, out: keys.append(out.split(C, dim=2)[1].reshape(-1, H, C // H)))
+    model(idx)
+    hook.remove()
+    return (keys[0][..., :r].pow(2).sum() / keys[0].pow(2).sum()).item()
+
+
+def test_data_aware_convert_keeps_more_key_energy_than_svd():
+    """PCA on the calibration keys is the best rotation for their energy (Ky Fan), so it
+    holds at least as much in the leading coordinates as the weight SVD, and more than none."""
+    model, _ = make_model(window=32, far_k_dim=8, far_v_dim=8)
+    calibration = torch.randint(0, 13, (8, 32), generator=torch.Generator().manual_seed(14))
+    svd, pca = dar.convert(model, 2, 2, 2), dar.convert(model, 2, 2, 2, calibration=calibration)
+    energy = {name: leading_key_energy(m, calibration, 2) for name, m in
+              [("none", model), ("svd", svd), ("pca", pca)]}
+    assert energy["pca"] >= energy["svd"] - 1e-9 and energy["pca"] > energy["none"]
+
+
+def test_convert_leaves_the_source_model_as_it_was():
+    model, _ = make_model(window=32, far_k_dim=8, far_v_dim=8)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dar.convert(model, 2, 2, 2, calibration=torch.zeros(1, 8, dtype=torch.long))
+    assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_convert_needs_a_full_model():
     model, _ = make_model(window=3, far_k_dim=2, far_v_dim=2)
     with pytest.raises(ValueError, match="full"):
