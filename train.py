@@ -42,6 +42,8 @@ class TrainConfig:
     out_dir: str = "out"             # checkpoints: ckpt_last.pt, ckpt_best.pt
     init_from: str = "scratch"       # scratch | resume (OUT_DIR/ckpt_last.pt) | convert
     convert_from: str = ""           # for convert: a full-dimension checkpoint, ours or nanoGPT's
+    calibration_seqs: int = 0        # for convert: 0 rotates by the weights' SVD, N > 0 by PCA of
+                                     # keys/values on N training sequences (data-aware)
     # model (ignored by resume and convert, which take the checkpoint's)
     n_layer: int = 4
     n_head: int = 4
@@ -207,7 +209,7 @@ def full_model_from(path, device, dropout):
     return model_from_checkpoint({"model_config": {**config, "dropout": dropout}, "model": state}, device)
 
 
-def build_model(cfg, tokenizer, device, resumed):
+def build_model(cfg, data, tokenizer, device, resumed):
     if resumed is not None:
         return model_from_checkpoint(resumed, device).train()
     if cfg.init_from == "convert":
@@ -215,7 +217,11 @@ def build_model(cfg, tokenizer, device, resumed):
         if full.config.vocab_size < tokenizer.vocab_size:
             raise ValueError(f"{cfg.convert_from} has vocab_size {full.config.vocab_size}, "
                              f"the dataset needs {tokenizer.vocab_size}")
-        return dar.convert(full, cfg.window, cfg.far_k_dim, cfg.far_v_dim).train()
+        calibration = None
+        if cfg.calibration_seqs > 0:
+            sizes = dataclasses.replace(cfg, batch_size=cfg.calibration_seqs, block_size=full.config.block_size)
+            calibration = get_batch(data["train"], sizes, np.random.default_rng([cfg.seed, 1 << 31]), device)[0]
+        return dar.convert(full, cfg.window, cfg.far_k_dim, cfg.far_v_dim, calibration).train()
     config = dar.GPTConfig(vocab_size=tokenizer.vocab_size, **{
         f: getattr(cfg, f) for f in ("n_layer", "n_head", "n_embd", "block_size", "dropout",
                                      "bias", "window", "far_k_dim", "far_v_dim", "kv_shift")})
@@ -264,6 +270,9 @@ def evaluate_and_save(model, optimizer, data, cfg, tokenizer, state, device, ctx
     for name in ["last"] + (["best"] if best else []):
         save_checkpoint(os.path.join(cfg.out_dir, f"ckpt_{name}.pt"), model, optimizer, cfg, tokenizer,
                         state["iter_num"], state["best_val_loss"], losses["val"])
+    with open(os.path.join(cfg.out_dir, "eval_log.jsonl"), "a") as f:   # the loss curves
+        f.write(json.dumps({"iter": state["iter_num"], "train_loss": losses["train"],
+                            "val_loss": losses["val"]}) + "\n")
     print(f"eval {state['iter_num']}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
           f"{' (best, saved)' if best else ''}", flush=True)
 
@@ -360,7 +369,7 @@ def setup(argv):
     data, tokenizer = open_dataset(cfg, master)
     if resumed is not None and resumed["tokenizer"]["vocab_size"] != tokenizer.vocab_size:
         raise ValueError(f"the checkpoint's tokenizer does not match dataset {cfg.dataset}")
-    model = build_model(cfg, tokenizer, device, resumed)
+    model = build_model(cfg, data, tokenizer, device, resumed)
     optimizer = configure_optimizer(model, cfg, device)
     state = {"iter_num": 0, "best_val_loss": float("inf")}
     if resumed is not None:
@@ -378,6 +387,9 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
+        log = os.path.join(cfg.out_dir, "eval_log.jsonl")
+        if cfg.init_from != "resume" and os.path.exists(log):
+            os.remove(log)   # a new run, a new curve
         c = model.config
         print(f"device {device}, {dtype}; {model.get_num_params() / 1e6:.2f}M parameters; "
               f"n_layer {c.n_layer}, n_head {c.n_head}, n_embd {c.n_embd}, block_size {c.block_size}; "
