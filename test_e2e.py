@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import bench
 import sample
 import train
 from data import prepare
@@ -263,6 +264,56 @@ def test_ddp_on_cpu_with_two_processes(corpus, tmp_path):
             "--gradient_accumulation_steps", "2", *TINY)
     assert "eval 6: train loss" in r.stdout
     assert torch.load(out / "ckpt_last.pt", weights_only=True)["iter_num"] == 6
+
+
+TINY_BENCH = ["--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--window", "4", "--far_dim", "2",
+              "--device", "cpu"]
+
+
+def table_rows(stdout):
+    """Markdown table rows, without header lines (those just above a |---| line)."""
+    lines = stdout.splitlines() + [""]
+    return [line for line, below in zip(lines, lines[1:]) if line.startswith("| ") and not below.startswith("|---")]
+
+
+def test_bench_speed_smoke(tmp_path):
+    r = call(bench.main, "speed", *TINY_BENCH, "--block_size", "32", "--batch_size", "2", "--repeats", "1",
+             "--warmup", "0", "--gen_block_size", "16", "--gen_tokens", "8", "--gen_repeats", "1",
+             "--out_dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    names = [row.split("|")[1].strip() for row in table_rows(r.stdout)]
+    assert names[:5] == ["full", "dar", "uniform", "thin_keys", "sliding"]
+    assert "two-tier cache" in names and "no cache (nanoGPT)" in names
+    result = json.load(open(tmp_path / "speed.json"))
+    assert set(result["step_seconds"]) == set(names[:5]) and len(result["generate_seconds"]) == 2
+
+
+def test_bench_decode_smoke_bytes_are_the_formula(tmp_path):
+    r = call(bench.main, "decode", *TINY_BENCH, "--lengths", "3", "16", "40", "--decode_tokens", "2",
+             "--repeats", "1", "--prefill_chunk", "7", "--out_dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    rows = json.load(open(tmp_path / "decode.json"))["rows"]
+    assert len(rows) == len(table_rows(r.stdout)) == 15
+    for row in rows:
+        assert row["held_bytes"] == row["formula_bytes"], row
+        assert {"tokens_per_s_cache", "tokens_per_s_full_cache", "tokens_per_s_no_cache"} <= set(row)
+    full = [row for row in rows if row["regime"] == "full"]
+    assert all(row["held_bytes"] == row["full_bytes"] for row in full)
+
+
+def test_bench_quality_smoke(corpus, tmp_path):
+    _, _, dataset = corpus
+    r = call(bench.main, "quality", *TINY_BENCH, "--dataset", dataset, "--block_size", "32", "--batch_size", "4",
+             "--max_iters", "4", "--eval_interval", "2", "--eval_iters", "1", "--warmup_iters", "1",
+             "--finetune_iters", "2", "--calibration_seqs", "2", "--out_dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    result = json.load(open(tmp_path / "quality.json"))
+    variants = ["full", "dar", "uniform", "thin_keys", "sliding", "dar+kv_shift"]
+    assert list(result["final_val_loss"]) == variants
+    assert all([it for it, _ in result["curves"][v]] == [0, 2, 4] for v in variants)
+    assert set(result["conversion"]) == {"dar/weight SVD", "dar/PCA", "uniform/weight SVD", "uniform/PCA"}
+    assert all(set(c) == {"zero_shot", "fine_tuned"} for c in result["conversion"].values())
+    assert [row.split("|")[1].strip() for row in table_rows(r.stdout)][:6] == variants
 
 
 def index_reachable():

@@ -1,0 +1,291 @@
+"""
+DAR against its baselines, measured side by side. Each sub-command prints a markdown
+table and writes its raw numbers as JSON to --out_dir.
+
+    python bench.py speed     training step time per regime; cached vs uncached generation
+    python bench.py decode    KV bytes held and decode tokens/s at context lengths up to 4096
+    python bench.py quality   val loss of each regime trained identically on Shakespeare, and
+                              a trained full model converted (SVD or PCA), zero-shot and fine-tuned
+
+Sizes are flags, so the same commands scale up on a GPU; `quality --quick` runs in minutes.
+Times are medians of several runs after warm-up, the variants alternated in one process.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+import dar
+import train
+from sample import autocast, pick_device
+
+
+def regimes(block_size, head_dim, window, far_dim):
+    """name -> (window, far_k_dim, far_v_dim): the family of DESIGN.md at one model size."""
+    return {"full": (block_size, head_dim, head_dim),
+            "dar": (window, far_dim, far_dim),
+            "uniform": (0, far_dim, far_dim),
+            "thin_keys": (0, far_dim, head_dim),
+            "sliding": (window, 0, 0)}
+
+
+def kv_ratio(T, window, far_k_dim, far_v_dim, head_dim):
+    """KV bytes per token at context length T, relative to a full cache (DESIGN.md)."""
+    return (min(T, window) * 2 * head_dim + max(0, T - window) * (far_k_dim + far_v_dim)) / (T * 2 * head_dim)
+
+
+def median_times(fns, repeats, warmup, device):
+    """Median seconds of each function, the functions alternated in every round."""
+    times = {name: [] for name in fns}
+    for round in range(warmup + repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if torch.device(device).type == "cuda":
+                torch.cuda.synchronize()
+            if round >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def markdown(headers, rows):
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return "\n".join(lines + ["| " + " | ".join(str(x) for x in row) + " |" for row in rows])
+
+
+def report(args, name, tables, results):
+    os.makedirs(args.out_dir, exist_ok=True)
+    path = os.path.join(args.out_dir, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump({"args": vars(args), **results}, f, indent=1)
+    print("\n\n".join(tables) + f"\n\n(raw numbers: {path})")
+
+
+def model_for(args, window, far_k_dim, far_v_dim, block_size, kv_shift=False):
+    torch.manual_seed(0)   # the same initial weights in every regime
+    return dar.GPT(dar.GPTConfig(vocab_size=args.vocab_size, block_size=block_size, n_layer=args.n_layer,
+                                 n_head=args.n_head, n_embd=args.n_embd, bias=False, window=window,
+                                 far_k_dim=far_k_dim, far_v_dim=far_v_dim, kv_shift=kv_shift))
+
+
+# ----------------------------------------------------------------------------------------
+
+def bench_speed(args):
+    """Training step time of each regime at one size, and greedy generation with the
+    two-tier cache against nanoGPT's recompute-everything loop."""
+    device, head_dim = pick_device(args.device), args.n_embd // args.n_head
+    ctx, _ = autocast(device)
+    x, y = (torch.randint(args.vocab_size, (args.batch_size, args.block_size), device=device) for _ in range(2))
+    steps, configs = {}, regimes(args.block_size, head_dim, args.window, args.far_dim)
+    for name, (window, far_k_dim, far_v_dim) in configs.items():
+        model = model_for(args, window, far_k_dim, far_v_dim, args.block_size).to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        def step(model=model, optimizer=optimizer):
+            with ctx:
+                loss = model(x, y)[1]
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        steps[name] = step
+    step_s = median_times(steps, args.repeats, args.warmup, device)
+    rows = [[name, *configs[name], f"{step_s[name] * 1000:.1f}", f"{step_s[name] / step_s['full']:.2f}x"]
+            for name in configs]
+    train_table = markdown(["regime", "window", "far_k_dim", "far_v_dim", "ms/step", "vs full"], rows)
+
+    model = model_for(args, args.window, args.far_dim, args.far_dim, args.gen_block_size).to(device).eval()
+    prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
+    def generator(use_cache):
+        def run():
+            with ctx:
+                model.generate(prompt, args.gen_tokens, top_k=1, use_cache=use_cache)
+        return run
+    gen_s = median_times({"two-tier cache": generator(True), "no cache (nanoGPT)": generator(False)},
+                         args.gen_repeats, 1, device)
+    rows = [[name, f"{s:.2f}", f"{args.gen_tokens / s:.0f}", f"{gen_s['no cache (nanoGPT)'] / s:.1f}x"]
+            for name, s in gen_s.items()]
+    gen_table = markdown(["greedy generation", "seconds", "tokens/s", "speed-up"], rows)
+    report(args, "speed", [train_table, gen_table], {"step_seconds": step_s, "generate_seconds": gen_s,
+                                                     "regimes": configs})
+
+
+def bench_decode(args):
+    """KV bytes held after a prompt of each length (measured from the cache's tensors, next
+    to the formula and a full cache) and decode tokens/s: two-tier, full cache, no cache."""
+    device, head_dim = pick_device(args.device), args.n_embd // args.n_head
+    ctx, _ = autocast(device)
+    block_size = max(args.lengths) + args.decode_tokens * (args.repeats + 1)
+    configs = regimes(block_size, head_dim, args.window, args.far_dim)
+    models = {name: model_for(args, *c, block_size).to(device).eval() for name, c in configs.items()}
+    tokens = torch.randint(args.vocab_size, (args.batch_size, max(args.lengths)), device=device)
+    results, rows = [], []
+    for T in args.lengths:
+        caches, fns = {}, {}
+        for name, model in models.items():
+            caches[name] = model.new_cache(args.batch_size)
+            with torch.no_grad(), ctx:
+                for start in range(0, T, args.prefill_chunk):   # prefill in chunks: bounded memory
+                    model(tokens[:, start:min(T, start + args.prefill_chunk)], cache=caches[name])
+            held = caches[name].nbytes
+            def decode(model=model, cache=caches[name]):
+                with torch.no_grad(), ctx:
+                    for _ in range(args.decode_tokens):
+                        model(tokens[:, :1], cache=cache)
+            def recompute(model=model):
+                with torch.no_grad(), ctx:
+                    model(tokens[:, :T])
+            fns[name + "/cache"], fns[name + "/none"] = decode, recompute
+            element_size = caches[name].layers[0].local_k.element_size()
+            full_bytes = args.n_layer * args.batch_size * T * 2 * args.n_embd * element_size
+            results.append({"T": T, "regime": name, "held_bytes": held, "full_bytes": full_bytes,
+                            "formula_bytes": round(kv_ratio(T, *configs[name], head_dim) * full_bytes)})
+        seconds = median_times(fns, args.repeats, 1, device)
+        for r in results[-len(models):]:
+            r["tokens_per_s_cache"] = args.batch_size * args.decode_tokens / seconds[r["regime"] + "/cache"]
+            r["tokens_per_s_full_cache"] = args.batch_size * args.decode_tokens / seconds["full/cache"]
+            r["tokens_per_s_no_cache"] = args.batch_size / seconds[r["regime"] + "/none"]
+            rows.append([T, r["regime"], f"{r['held_bytes']:,}", f"{r['formula_bytes']:,}", f"{r['full_bytes']:,}",
+                         f"{r['held_bytes'] / r['full_bytes']:.3f}", f"{r['tokens_per_s_cache']:.0f}",
+                         f"{r['tokens_per_s_full_cache']:.0f}", f"{r['tokens_per_s_no_cache']:.1f}"])
+        print(f"T={T} done", file=sys.stderr, flush=True)
+    table = markdown(["T", "regime", "KV bytes held", "formula", "full cache", "held/full",
+                      "tok/s two-tier", "tok/s full cache", "tok/s no cache"], rows)
+    report(args, "decode", [table], {"rows": results, "regimes": configs})
+
+
+# ----------------------------------------------------------------------------------------
+
+def train_run(args, out_dir, *flags):
+    """One train.py run; returns its eval curve [(iter, val loss), ...]."""
+    common = ["--dataset", args.dataset, "--out_dir", out_dir, "--n_layer", args.n_layer, "--n_head",
+              args.n_head, "--n_embd", args.n_embd, "--block_size", args.block_size, "--batch_size",
+              args.batch_size, "--eval_iters", args.eval_iters, "--seed", args.seed, "--device", args.device,
+              "--sample_tokens", 0, "--log_interval", args.log_interval]
+    print(f"\n=== {out_dir} ===", flush=True)
+    train.main([str(a) for a in common + list(flags)])
+    with open(os.path.join(out_dir, "eval_log.jsonl")) as f:
+        return [(e["iter"], e["val_loss"]) for e in map(json.loads, f)]
+
+
+def bench_quality(args):
+    """Each regime trained with the same seed, data order and budget; then conversions."""
+    if args.quick:
+        for name, value in QUICK.items():
+            setattr(args, name, value)
+    head_dim = args.n_embd // args.n_head
+    far = args.far_dim or head_dim // 4
+    configs = regimes(args.block_size, head_dim, args.window, far)
+    variants = {name: (*c, False) for name, c in configs.items()}
+    variants["dar+kv_shift"] = (args.window, far, far, True)
+    schedule = ["--max_iters", args.max_iters, "--eval_interval", args.eval_interval,
+                "--warmup_iters", args.warmup_iters, "--learning_rate", args.learning_rate]
+    curves = {}
+    for name, (window, far_k_dim, far_v_dim, kv_shift) in variants.items():
+        curves[name] = train_run(args, os.path.join(args.out_dir, "quality", name), *schedule,
+                                 "--window", window, "--far_k_dim", far_k_dim, "--far_v_dim", far_v_dim,
+                                 "--kv_shift" if kv_shift else "--no-kv_shift")
+    final = {name: curve[-1][1] for name, curve in curves.items()}
+    rows = [[name, window, far_k_dim, far_v_dim, "yes" if shift else "no", f"{final[name]:.4f}",
+             f"{100 * (final[name] / final['full'] - 1):+.2f}%",
+             f"{kv_ratio(args.block_size, window, far_k_dim, far_v_dim, head_dim):.3f}"]
+            for name, (window, far_k_dim, far_v_dim, shift) in variants.items()]
+    variant_table = markdown(["regime", "window", "far_k_dim", "far_v_dim", "kv_shift", "final val loss",
+                              "vs full", f"KV bytes/token at T={args.block_size} vs full"], rows)
+    curve_table = markdown(["iter"] + list(curves),
+                           [[it] + [f"{curves[n][i][1]:.4f}" for n in curves] for i, (it, _) in enumerate(curves["full"])])
+    conversions = convert_and_fine_tune(args, configs)
+    plot_curves(args, curves)
+    report(args, "quality", [variant_table, "val loss during training:\n\n" + curve_table, conversions[0]],
+           {"curves": curves, "final_val_loss": final, "conversion": conversions[1]})
+
+
+def convert_and_fine_tune(args, configs):
+    """The trained full model converted to DAR and to uniform, by weight SVD and by PCA."""
+    source = os.path.join(args.out_dir, "quality", "full", "ckpt_last.pt")
+    fine_tune = ["--max_iters", args.finetune_iters, "--eval_interval", args.finetune_iters,
+                 "--warmup_iters", max(1, args.finetune_iters // 10), "--learning_rate", args.finetune_lr,
+                 "--min_lr", args.finetune_lr / 10]
+    results, rows = {}, []
+    for target in ("dar", "uniform"):
+        window, far_k_dim, far_v_dim = configs[target]
+        for method, seqs in (("weight SVD", 0), ("PCA", args.calibration_seqs)):
+            out_dir = os.path.join(args.out_dir, "quality", f"convert_{target}_{'pca' if seqs else 'svd'}")
+            curve = train_run(args, out_dir, "--init_from", "convert", "--convert_from", source,
+                              "--calibration_seqs", seqs, "--window", window, "--far_k_dim", far_k_dim,
+                              "--far_v_dim", far_v_dim, *fine_tune)
+            results[f"{target}/{method}"] = {"zero_shot": curve[0][1], "fine_tuned": curve[-1][1]}
+            rows.append([target, method, f"{curve[0][1]:.4f}", f"{curve[-1][1]:.4f}"])
+    table = markdown(["converted to", "rotation", "val loss zero-shot",
+                      f"after {args.finetune_iters} fine-tune iters"], rows)
+    return table, results
+
+
+def plot_curves(args, curves):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no PNG of the curves (pip install matplotlib)")
+        return
+    for name, curve in curves.items():
+        plt.plot(*zip(*curve[1:]), label=name)   # from the first evaluation after init
+    plt.xlabel("iteration")
+    plt.ylabel("val loss")
+    plt.legend()
+    plt.savefig(os.path.join(args.out_dir, "quality_curves.png"), dpi=100)
+    plt.close()
+
+
+QUICK = dict(n_layer=2, n_head=4, n_embd=64, block_size=128, window=16, far_dim=4, batch_size=8,
+             max_iters=300, eval_interval=50, warmup_iters=20, finetune_iters=50)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    d = "(default: %(default)s)"
+    for name, size in (("speed", (4, 4, 128, 16, 64, 8)), ("decode", (4, 4, 256, 1, 128, 16)),
+                       ("quality", (4, 4, 128, 8, 32, 0))):
+        s = sub.add_parser(name, help=globals()[f"bench_{name}"].__doc__)
+        for flag, default in zip(("n_layer", "n_head", "n_embd", "batch_size", "window", "far_dim"), size):
+            s.add_argument(f"--{flag}", type=int, default=default, help=d)
+        s.add_argument("--device", default="auto", help=d)
+        s.add_argument("--out_dir", default="bench_out", help=d)
+        s.add_argument("--vocab_size", type=int, default=65, help="random tokens' vocabulary " + d)
+    speed, decode, quality = sub.choices["speed"], sub.choices["decode"], sub.choices["quality"]
+    speed.add_argument("--block_size", type=int, default=256, help=d)
+    speed.add_argument("--repeats", type=int, default=7, help=d)
+    speed.add_argument("--warmup", type=int, default=2, help=d)
+    speed.add_argument("--gen_block_size", type=int, default=1024, help=d)
+    speed.add_argument("--gen_tokens", type=int, default=1023, help="a 1-token prompt then fills gen_block_size " + d)
+    speed.add_argument("--gen_repeats", type=int, default=3, help=d)
+    decode.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096], help=d)
+    decode.add_argument("--decode_tokens", type=int, default=16, help="tokens timed per run " + d)
+    decode.add_argument("--repeats", type=int, default=3, help=d)
+    decode.add_argument("--prefill_chunk", type=int, default=512, help=d)
+    quality.add_argument("--dataset", default=train.DEFAULT_DATASET, help=d)
+    quality.add_argument("--block_size", type=int, default=256, help=d)
+    quality.add_argument("--max_iters", type=int, default=1500, help=d)
+    quality.add_argument("--eval_interval", type=int, default=250, help=d)
+    quality.add_argument("--eval_iters", type=int, default=20, help=d)
+    quality.add_argument("--warmup_iters", type=int, default=100, help=d)
+    quality.add_argument("--learning_rate", type=float, default=1e-3, help=d)
+    quality.add_argument("--finetune_iters", type=int, default=150, help=d)
+    quality.add_argument("--finetune_lr", type=float, default=3e-4, help=d)
+    quality.add_argument("--calibration_seqs", type=int, default=16, help="PCA conversion's batch " + d)
+    quality.add_argument("--log_interval", type=int, default=50, help=d)
+    quality.add_argument("--seed", type=int, default=1337, help=d)
+    quality.add_argument("--quick", action="store_true", help=f"a small run in minutes: {QUICK}")
+    args = p.parse_args(argv)
+    if args.far_dim == 0 and args.command != "quality":
+        p.error("--far_dim must be > 0")   # quality: 0 means head_dim / 4
+    {"speed": bench_speed, "decode": bench_decode, "quality": bench_quality}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
