@@ -289,7 +289,8 @@ def train(model, optimizer, data, cfg, tokenizer, state, device, ctx, dtype, ddp
     start_iter, t_start, t_last = state["iter_num"], time.time(), time.time()
     while True:
         it = state["iter_num"]
-        if rank == 0 and (it % cfg.eval_interval == 0 or it == cfg.max_iters):
+        evaluated = it == start_iter and it > 0   # a resumed run: done before it stopped
+        if rank == 0 and (it % cfg.eval_interval == 0 or it == cfg.max_iters) and not evaluated:
             t_eval = time.time()
             evaluate_and_save(model, optimizer, data, cfg, tokenizer, state, device, ctx)
             t_last += time.time() - t_eval   # ms/iter and tok/s count training only
