@@ -6,6 +6,8 @@ table and writes its raw numbers as JSON to --out_dir.
     python bench.py decode    KV bytes held and decode tokens/s at context lengths up to 4096
     python bench.py quality   val loss of each regime trained identically on Shakespeare, and
                               a trained full model converted (SVD or PCA), zero-shot and fine-tuned
+    python bench.py recall    associative recall accuracy by distance, per regime and as the
+                              number of key-value pairs grows (data/recall.py)
 
 Sizes are flags, so the same commands scale up on a GPU; `quality --quick` runs in minutes.
 Times are medians of several runs after warm-up, the variants alternated in one process.
@@ -20,9 +22,12 @@ import time
 
 import torch
 
+import numpy as np
+
 import dar
 import train
-from sample import autocast, pick_device
+from data.recall import write_recall
+from sample import autocast, load_checkpoint, model_from_checkpoint, pick_device
 
 
 def regimes(block_size, head_dim, window, far_dim):
@@ -161,7 +166,7 @@ def bench_decode(args):
 
 def train_run(args, out_dir, *flags):
     """One train.py run; returns its eval curve [(iter, val loss), ...]."""
-    common = ["--dataset", args.dataset, "--out_dir", out_dir, "--n_layer", args.n_layer, "--n_head",
+    common = ["--dataset", args.dataset, "--out_dir", out_dir, "--weight_decay", args.weight_decay, "--n_layer", args.n_layer, "--n_head",
               args.n_head, "--n_embd", args.n_embd, "--block_size", args.block_size, "--batch_size",
               args.batch_size, "--eval_iters", args.eval_iters, "--seed", args.seed, "--device", args.device,
               "--sample_tokens", 0, "--log_interval", args.log_interval]
@@ -241,8 +246,79 @@ def plot_curves(args, curves):
     plt.close()
 
 
+# ----------------------------------------------------------------------------------------
+
+def recall_accuracy(predict, tokens, answers, length, window, batch_size=100):
+    """Accuracy on the answer tokens, overall and by the distance from the query to the
+    token it must copy: inside the window, 1-2x the window, farther. Returns
+    {bucket: (accuracy or None, answers counted)}. predict: (B, n) ids -> (B, n) next ids."""
+    seqs = np.asarray(tokens, dtype=np.int64).reshape(-1, length)
+    dist = np.asarray(answers, dtype=np.int64).reshape(-1, length)[:, 1:]
+    correct = np.zeros(dist.shape, dtype=bool)
+    for i in range(0, len(seqs), batch_size):
+        x = torch.from_numpy(seqs[i:i + batch_size, :-1])
+        correct[i:i + batch_size] = predict(x).cpu().numpy() == seqs[i:i + batch_size, 1:]
+    buckets = {"all": dist > 0, "inside window": (dist > 0) & (dist < window),
+               "1-2x window": (dist >= window) & (dist < 2 * window), "farther": dist >= 2 * window}
+    return {name: (float(correct[m].mean()) if m.any() else None, int(m.sum())) for name, m in buckets.items()}
+
+
+def model_predictor(model):
+    """Greedy next-token predictions at every position (targets only ask for all logits)."""
+    @torch.no_grad()
+    def predict(x):
+        x = x.to(next(model.parameters()).device)
+        return model(x, targets=x)[0].argmax(-1)
+    return predict
+
+
+def recall_run(args, name, pairs, window, far_k_dim, far_v_dim):
+    """Train one regime on recall data with `pairs` pairs; its accuracy on the val split."""
+    data_dir = os.path.join(args.out_dir, "recall", "data", f"pairs_{pairs}")
+    if not os.path.exists(os.path.join(data_dir, "meta.json")):
+        write_recall(data_dir, pairs, args.block_size, train_seqs=args.train_seqs, val_seqs=args.val_seqs)
+    out_dir = os.path.join(args.out_dir, "recall", f"{name}_pairs_{pairs}")
+    args.dataset = data_dir
+    train_run(args, out_dir, "--max_iters", args.max_iters, "--eval_interval", args.eval_interval,
+              "--warmup_iters", args.warmup_iters, "--learning_rate", args.learning_rate,
+              "--window", window, "--far_k_dim", far_k_dim, "--far_v_dim", far_v_dim)
+    model = model_from_checkpoint(load_checkpoint(os.path.join(out_dir, "ckpt_last.pt")), pick_device(args.device))
+    val = lambda name: np.fromfile(os.path.join(data_dir, f"{name}.bin"), dtype=np.uint16)
+    return recall_accuracy(model_predictor(model), val("val"), val("val_answers"), args.block_size + 1, args.window)
+
+
+def bench_recall(args):
+    """Recall accuracy by distance bucket per regime; then, at fixed far dims, as pairs grow."""
+    if args.quick:
+        for name, value in RECALL_QUICK.items():
+            setattr(args, name, value)
+    hd, W = args.n_embd // args.n_head, args.window
+    variants = {"full": (args.block_size, hd, hd), "dar hd/4": (W, hd // 4, hd // 4),
+                "dar hd/8": (W, hd // 8, hd // 8), "uniform hd/4": (0, hd // 4, hd // 4),
+                "thin_keys": (0, hd // 4, hd), "sliding": (W, 0, 0)}
+    buckets = ["all", "inside window", "1-2x window", "farther"]
+    cell = lambda acc: "-" if acc[0] is None else f"{100 * acc[0]:.1f}%"
+    results, rows = {}, []
+    for name, config in variants.items():
+        results[name] = recall_run(args, name.replace(" ", "_").replace("/", "_"), args.pairs, *config)
+        rows.append([name, *config] + [cell(results[name][b]) for b in buckets])
+    counts = {b: results["full"][b][1] for b in buckets}
+    variant_table = markdown(["regime", "window", "far_k_dim", "far_v_dim"] + [f"{b} ({counts[b]})" for b in buckets], rows)
+    sweep_name = args.sweep_regime
+    sweep, rows = {}, []
+    for pairs in args.sweep_pairs:
+        sweep[pairs] = results[sweep_name] if pairs == args.pairs else recall_run(
+            args, sweep_name.replace(" ", "_").replace("/", "_"), pairs, *variants[sweep_name])
+        rows.append([pairs] + [cell(sweep[pairs][b]) for b in buckets])
+    sweep_table = markdown(["pairs"] + buckets, rows)
+    report(args, "recall", [f"{args.pairs} pairs per sequence, answers counted per bucket in brackets:\n\n"
+                            + variant_table, f"{sweep_name} as pairs grow:\n\n" + sweep_table],
+           {"variants": variants, "accuracy": results, "sweep": {str(k): v for k, v in sweep.items()}})
+
+
 QUICK = dict(n_layer=2, n_head=4, n_embd=64, block_size=128, window=16, far_dim=4, batch_size=8,
              max_iters=300, eval_interval=50, warmup_iters=20, finetune_iters=50)
+RECALL_QUICK = dict(max_iters=300, eval_interval=100, train_seqs=2000, val_seqs=200, sweep_pairs=[4, 8, 16])
 
 
 def main(argv=None):
@@ -250,14 +326,14 @@ def main(argv=None):
     sub = p.add_subparsers(dest="command", required=True)
     d = "(default: %(default)s)"
     for name, size in (("speed", (4, 4, 128, 16, 64, 8)), ("decode", (4, 4, 256, 1, 128, 16)),
-                       ("quality", (4, 4, 128, 8, 32, 0))):
+                       ("quality", (4, 4, 128, 8, 32, 0)), ("recall", (2, 2, 64, 32, 16, 0))):
         s = sub.add_parser(name, help=globals()[f"bench_{name}"].__doc__)
         for flag, default in zip(("n_layer", "n_head", "n_embd", "batch_size", "window", "far_dim"), size):
             s.add_argument(f"--{flag}", type=int, default=default, help=d)
         s.add_argument("--device", default="auto", help=d)
         s.add_argument("--out_dir", default="bench_out", help=d)
         s.add_argument("--vocab_size", type=int, default=65, help="random tokens' vocabulary " + d)
-    speed, decode, quality = sub.choices["speed"], sub.choices["decode"], sub.choices["quality"]
+    speed, decode, quality, recall = (sub.choices[n] for n in ("speed", "decode", "quality", "recall"))
     speed.add_argument("--block_size", type=int, default=256, help=d)
     speed.add_argument("--repeats", type=int, default=7, help=d)
     speed.add_argument("--warmup", type=int, default=2, help=d)
@@ -268,23 +344,32 @@ def main(argv=None):
     decode.add_argument("--decode_tokens", type=int, default=16, help="tokens timed per run " + d)
     decode.add_argument("--repeats", type=int, default=3, help=d)
     decode.add_argument("--prefill_chunk", type=int, default=512, help=d)
+    for s, (block, iters, interval, lr, wd) in ((quality, (256, 1500, 250, 1e-3, 0.1)),
+                                                 (recall, (128, 2000, 500, 3e-3, 0.1))):
+        s.add_argument("--block_size", type=int, default=block, help=d)
+        s.add_argument("--max_iters", type=int, default=iters, help=d)
+        s.add_argument("--eval_interval", type=int, default=interval, help=d)
+        s.add_argument("--eval_iters", type=int, default=20, help=d)
+        s.add_argument("--warmup_iters", type=int, default=100, help=d)
+        s.add_argument("--learning_rate", type=float, default=lr, help=d)
+        s.add_argument("--weight_decay", type=float, default=wd, help=d)
+        s.add_argument("--log_interval", type=int, default=50, help=d)
+        s.add_argument("--seed", type=int, default=1337, help=d)
     quality.add_argument("--dataset", default=train.DEFAULT_DATASET, help=d)
-    quality.add_argument("--block_size", type=int, default=256, help=d)
-    quality.add_argument("--max_iters", type=int, default=1500, help=d)
-    quality.add_argument("--eval_interval", type=int, default=250, help=d)
-    quality.add_argument("--eval_iters", type=int, default=20, help=d)
-    quality.add_argument("--warmup_iters", type=int, default=100, help=d)
-    quality.add_argument("--learning_rate", type=float, default=1e-3, help=d)
     quality.add_argument("--finetune_iters", type=int, default=150, help=d)
     quality.add_argument("--finetune_lr", type=float, default=3e-4, help=d)
     quality.add_argument("--calibration_seqs", type=int, default=16, help="PCA conversion's batch " + d)
-    quality.add_argument("--log_interval", type=int, default=50, help=d)
-    quality.add_argument("--seed", type=int, default=1337, help=d)
     quality.add_argument("--quick", action="store_true", help=f"a small run in minutes: {QUICK}")
+    recall.add_argument("--pairs", type=int, default=8, help="pairs per sequence for the regimes " + d)
+    recall.add_argument("--sweep_pairs", type=int, nargs="+", default=[4, 8, 16, 24], help=d)
+    recall.add_argument("--sweep_regime", default="dar hd/8", help=d)
+    recall.add_argument("--train_seqs", type=int, default=20000, help=d)
+    recall.add_argument("--val_seqs", type=int, default=500, help=d)
+    recall.add_argument("--quick", action="store_true", help=f"a small run in minutes: {RECALL_QUICK}")
     args = p.parse_args(argv)
-    if args.far_dim == 0 and args.command != "quality":
-        p.error("--far_dim must be > 0")   # quality: 0 means head_dim / 4
-    {"speed": bench_speed, "decode": bench_decode, "quality": bench_quality}[args.command](args)
+    if args.far_dim == 0 and args.command in ("speed", "decode"):
+        p.error("--far_dim must be > 0")   # quality: 0 means head_dim / 4; recall sets its own
+    globals()[f"bench_{args.command}"](args)
 
 
 if __name__ == "__main__":

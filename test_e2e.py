@@ -17,7 +17,7 @@ import torch
 import bench
 import sample
 import train
-from data import prepare
+from data import prepare, recall
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--block_size", "32", "--window", "8",
@@ -314,6 +314,86 @@ def test_bench_quality_smoke(corpus, tmp_path):
     assert set(result["conversion"]) == {"dar/weight SVD", "dar/PCA", "uniform/weight SVD", "uniform/PCA"}
     assert all(set(c) == {"zero_shot", "fine_tuned"} for c in result["conversion"].values())
     assert [row.split("|")[1].strip() for row in table_rows(r.stdout)][:6] == variants
+
+
+# ----------------------------------------------------------------------------------------
+# Associative recall
+
+def recall_data(tmp_path, seed=0, **kw):
+    kw = {**dict(pairs=5, block_size=48, n_keys=12, n_values=10, n_filler=4, min_dist=3, max_dist=30,
+                 train_seqs=40, val_seqs=10, seed=seed), **kw}
+    out = tmp_path / f"recall_{seed}"
+    meta = recall.write_recall(str(out), **kw)
+    read = lambda name: np.fromfile(out / f"{name}.bin", dtype=np.uint16).astype(np.int64).reshape(-1, 49)
+    return out, meta, read("train"), read("train_answers")
+
+
+def test_recall_sequences_have_the_declared_structure(tmp_path):
+    _, meta, tokens, answers = recall_data(tmp_path)
+    assert tokens.shape == (40, 49) and meta["vocab_size"] == 26 and meta["sequence_length"] == 49
+    for seq, dist in zip(tokens, answers):
+        keys, values = seq[0:10:2], seq[1:10:2]
+        assert len(set(keys)) == 5 and all(keys < 12) and all((12 <= values) & (values < 22))
+        rest = np.delete(seq, np.r_[0:10, np.flatnonzero(dist), np.flatnonzero(dist) - 1])
+        assert all(rest >= 22)   # everything else is filler
+        answer_positions = np.flatnonzero(dist)
+        assert len(answer_positions) == 5 and sorted(seq[answer_positions - 1]) == sorted(keys)
+        for a in answer_positions:   # the query's pair exists, at the declared distance
+            j = list(keys).index(seq[a - 1])
+            assert seq[a] == values[j] and dist[a] == (a - 1) - (2 * j + 1)
+            assert 3 <= dist[a] <= 30
+
+
+def test_recall_data_is_deterministic(tmp_path):
+    a, b, c = (recall_data(tmp_path / str(i), seed=s)[2] for i, s in enumerate((0, 0, 1)))
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_recall_rejects_impossible_settings(tmp_path):
+    with pytest.raises(ValueError, match="no room"):
+        recall_data(tmp_path, pairs=12, block_size=48)
+    with pytest.raises(ValueError):
+        recall_data(tmp_path, pairs=13)   # more pairs than keys
+
+
+def test_recall_batches_are_whole_sequences_with_loss_on_answers(tmp_path):
+    out, _, tokens, answers = recall_data(tmp_path)
+    cfg = train.TrainConfig(dataset=str(out), block_size=48, batch_size=8)
+    data, _ = train.open_dataset(cfg, master=True)
+    x, y = train.get_batch(data, "train", cfg, np.random.default_rng(0), "cpu")
+    for row_x, row_y in zip(x.numpy(), y.numpy()):
+        i = [k for k in range(len(tokens)) if np.array_equal(tokens[k, :-1], row_x)][0]
+        counted = row_y != -1
+        assert np.array_equal(counted, answers[i, 1:] > 0)
+        assert np.array_equal(row_y[counted], tokens[i, 1:][counted])
+
+
+def test_recall_accuracy_by_bucket_is_exact():
+    """Two sequences of 6 tokens, window 2. Answers: distance 1 (inside), 3 (1-2x), 5
+    (farther) in the first; 2 (1-2x) in the second. A stub always predicting 7."""
+    tokens = np.array([[0, 7, 1, 9, 2, 7],
+                       [3, 4, 5, 7, 6, 1]])
+    answers = np.array([[0, 1, 0, 3, 0, 5],
+                        [0, 0, 0, 2, 0, 0]])
+    accuracy = bench.recall_accuracy(lambda x: torch.full_like(x, 7), tokens, answers, 6, window=2)
+    assert accuracy == {"all": (0.75, 4), "inside window": (1.0, 1), "1-2x window": (0.5, 2), "farther": (1.0, 1)}
+    perfect = bench.recall_accuracy(lambda x: torch.from_numpy(tokens[:len(x), 1:]), tokens, answers, 6, window=10)
+    assert perfect == {"all": (1.0, 4), "inside window": (1.0, 4), "1-2x window": (None, 0), "farther": (None, 0)}
+
+
+def test_bench_recall_smoke(tmp_path):
+    r = call(bench.main, "recall", "--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--window", "4",
+             "--block_size", "32", "--batch_size", "4", "--max_iters", "2", "--eval_interval", "2",
+             "--eval_iters", "1", "--warmup_iters", "1", "--pairs", "2", "--sweep_pairs", "2", "3",
+             "--train_seqs", "20", "--val_seqs", "4", "--device", "cpu", "--out_dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    result = json.load(open(tmp_path / "recall.json"))
+    assert list(result["accuracy"]) == ["full", "dar hd/4", "dar hd/8", "uniform hd/4", "thin_keys", "sliding"]
+    assert set(result["sweep"]) == {"2", "3"}
+    for accuracy in list(result["accuracy"].values()) + list(result["sweep"].values()):
+        assert set(accuracy) == {"all", "inside window", "1-2x window", "farther"}
+        assert accuracy["all"][1] == sum(accuracy[b][1] for b in ("inside window", "1-2x window", "farther"))
+    assert len(table_rows(r.stdout)) == 6 + 2
 
 
 def index_reachable():

@@ -138,26 +138,42 @@ def open_dataset(cfg, master):
         tokenizer = Tokenizer(meta)
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{meta_path} is not a valid tokenizer description ({e})")
-    data = {}
-    for split in ("train", "val"):
-        path = os.path.join(data_dir, f"{split}.bin")
+    # A text is one stream, batches are any windows of it. A dataset of fixed-length
+    # sequences (recall) says so, and may restrict the loss to its answer tokens.
+    length = meta.get("sequence_length")
+    data = {"sequence_length": length}
+    if length is not None and length - 1 > cfg.block_size:
+        raise ValueError(f"{data_dir} holds sequences of {length} tokens: block_size must be >= {length - 1}")
+    files = ["train", "val"] + (["train_answers", "val_answers"] if meta.get("loss") == "answers" else [])
+    for name in files:
+        path = os.path.join(data_dir, f"{name}.bin")
         if not os.path.exists(path) or os.path.getsize(path) % 2:
             raise ValueError(f"{path} is missing or not a file of uint16 token ids")
-        data[split] = np.memmap(path, dtype=np.uint16, mode="r")
-        if len(data[split]) <= cfg.block_size + 1:
-            raise ValueError(f"{path} has {len(data[split])} tokens, too few for block_size={cfg.block_size}")
-        if data[split].max() >= tokenizer.vocab_size:
+        data[name] = np.memmap(path, dtype=np.uint16, mode="r")
+        if len(data[name]) <= cfg.block_size + 1 or (length and len(data[name]) % length):
+            raise ValueError(f"{path} has {len(data[name])} tokens: too few for block_size={cfg.block_size}, "
+                             "or not whole sequences")
+        if name in ("train", "val") and data[name].max() >= tokenizer.vocab_size:
             raise ValueError(f"{path} holds token ids >= vocab_size {tokenizer.vocab_size}: "
                              "corrupted, or prepared with another tokenizer")
     return data, tokenizer
 
 
-def get_batch(data, cfg, rng, device):
+def get_batch(data, split, cfg, rng, device):
     """A random batch of (input, target) sequences; `rng` decides which, so a run (and a
-    resumed run) sees the same data for the same seed."""
-    ix = rng.integers(0, len(data) - cfg.block_size - 1, size=cfg.batch_size)
-    x = torch.from_numpy(np.stack([data[i:i + cfg.block_size] for i in ix]).astype(np.int64))
-    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + cfg.block_size] for i in ix]).astype(np.int64))
+    resumed run) sees the same data for the same seed. Targets that do not count are -1."""
+    tokens, length = data[split], data["sequence_length"]
+    if length is None:   # any window of the stream
+        n = cfg.block_size
+        ix = rng.integers(0, len(tokens) - n - 1, size=cfg.batch_size)
+    else:                # whole sequences
+        n = length - 1
+        ix = rng.integers(0, len(tokens) // length, size=cfg.batch_size) * length
+    x = torch.from_numpy(np.stack([tokens[i:i + n] for i in ix]).astype(np.int64))
+    y = torch.from_numpy(np.stack([tokens[i + 1:i + 1 + n] for i in ix]).astype(np.int64))
+    if split + "_answers" in data:   # the loss counts the answer tokens only
+        answers = np.stack([data[split + "_answers"][i + 1:i + 1 + n] for i in ix])
+        y[torch.from_numpy(answers == 0)] = -1
     if torch.device(device).type == "cuda":
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
@@ -172,7 +188,7 @@ def estimate_loss(model, data, cfg, device, ctx):
         rng = np.random.default_rng([cfg.seed, 1 << 30])
         total = 0.0
         for _ in range(cfg.eval_iters):
-            x, y = get_batch(data[split], cfg, rng, device)
+            x, y = get_batch(data, split, cfg, rng, device)
             with ctx:
                 total += model(x, y)[1].item()
         losses[split] = total / cfg.eval_iters
@@ -220,7 +236,7 @@ def build_model(cfg, data, tokenizer, device, resumed):
         calibration = None
         if cfg.calibration_seqs > 0:
             sizes = dataclasses.replace(cfg, batch_size=cfg.calibration_seqs, block_size=full.config.block_size)
-            calibration = get_batch(data["train"], sizes, np.random.default_rng([cfg.seed, 1 << 31]), device)[0]
+            calibration = get_batch(data, "train", sizes, np.random.default_rng([cfg.seed, 1 << 31]), device)[0]
         return dar.convert(full, cfg.window, cfg.far_k_dim, cfg.far_v_dim, calibration).train()
     config = dar.GPTConfig(vocab_size=tokenizer.vocab_size, **{
         f: getattr(cfg, f) for f in ("n_layer", "n_head", "n_embd", "block_size", "dropout",
@@ -303,7 +319,7 @@ def train(model, optimizer, data, cfg, tokenizer, state, device, ctx, dtype, ddp
         for micro in range(cfg.gradient_accumulation_steps):
             if ddp:   # synchronise gradients on the last micro-step only
                 train_model.require_backward_grad_sync = micro == cfg.gradient_accumulation_steps - 1
-            x, y = get_batch(data["train"], cfg, rng, device)
+            x, y = get_batch(data, "train", cfg, rng, device)
             with ctx:
                 loss = train_model(x, y)[1] / cfg.gradient_accumulation_steps
             scaler.scale(loss).backward()
@@ -336,7 +352,7 @@ def closing_sample(cfg, device, ctx):
           "decoded with the two-tier KV cache ---")
     torch.manual_seed(cfg.seed)
     try:
-        prompt = tokenizer.encode("\n")
+        prompt = tokenizer.encode("\n") or [0]   # token 0 for token-id data
     except ValueError:   # a character vocabulary without newlines
         prompt = [0]
     tokens_per_s, longest = stream_sample(model, tokenizer, prompt, cfg.sample_tokens, ctx=ctx)

