@@ -153,15 +153,18 @@ def main(argv=None):
     except ValueError as e:
         sys.exit(f"error: {e}")
     torch.manual_seed(args.seed)
-    for i in range(args.num_samples):
-        sys.stdout.write(prompt)
-        tokens_per_s, longest = stream_sample(model, tokenizer, prompt_ids, args.max_new_tokens,
-                                              args.temperature, args.top_k, not args.no_cache, ctx=ctx)
-        sys.stdout.write("\n" if i == args.num_samples - 1 else "\n---------------\n")
-        sys.stdout.flush()
-        report = "no cache, context recomputed every step" if longest is None else \
-            cache_report(model.config, longest)
-        print(f"[{report}; {tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+    try:
+        for i in range(args.num_samples):
+            sys.stdout.write(prompt)
+            tokens_per_s, longest = stream_sample(model, tokenizer, prompt_ids, args.max_new_tokens,
+                                                  args.temperature, args.top_k, not args.no_cache, ctx=ctx)
+            sys.stdout.write("\n" if i == args.num_samples - 1 else "\n---------------\n")
+            sys.stdout.flush()
+            report = "no cache, context recomputed every step" if longest is None else \
+                cache_report(model.config, longest)
+            print(f"[{report}; {tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+    except BrokenPipeError:   # the reader went away (| head): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":

@@ -193,6 +193,16 @@ def test_sample_greedy_same_with_and_without_cache(trained):
     assert "no cache" in plain.stderr
 
 
+def test_sample_piped_into_a_reader_that_stops_early(trained):
+    out, _ = trained   # like `python sample.py | head`
+    p = subprocess.Popen([sys.executable, "sample.py", "--out_dir", out, "--max_new_tokens", "3000"],
+                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.read(20)
+    p.stdout.close()
+    stderr = p.stderr.read().decode()
+    assert p.wait(timeout=60) == 0 and "Traceback" not in stderr, stderr
+
+
 def test_sample_past_block_size(trained):
     out, _ = trained
     r = call(sample.main, "--out_dir", out, "--max_new_tokens", "100")
