@@ -277,7 +277,7 @@ def recall_run(args, name, pairs, window, far_k_dim, far_v_dim):
     data_dir = os.path.join(args.out_dir, "recall", "data", f"pairs_{pairs}")
     if not os.path.exists(os.path.join(data_dir, "meta.json")):
         write_recall(data_dir, pairs, args.block_size, train_seqs=args.train_seqs, val_seqs=args.val_seqs)
-    out_dir = os.path.join(args.out_dir, "recall", f"{name}_pairs_{pairs}")
+    out_dir = os.path.join(args.out_dir, "recall", f"{name.replace(' ', '_').replace('/', '_')}_pairs_{pairs}")
     args.dataset = data_dir
     train_run(args, out_dir, "--max_iters", args.max_iters, "--eval_interval", args.eval_interval,
               "--warmup_iters", args.warmup_iters, "--learning_rate", args.learning_rate,
@@ -300,7 +300,7 @@ def bench_recall(args):
     cell = lambda acc: "-" if acc[0] is None else f"{100 * acc[0]:.1f}%"
     results, rows = {}, []
     for name, config in variants.items():
-        results[name] = recall_run(args, name.replace(" ", "_").replace("/", "_"), args.pairs, *config)
+        results[name] = recall_run(args, name, args.pairs, *config)
         rows.append([name, *config] + [cell(results[name][b]) for b in buckets])
     counts = {b: results["full"][b][1] for b in buckets}
     variant_table = markdown(["regime", "window", "far_k_dim", "far_v_dim"] + [f"{b} ({counts[b]})" for b in buckets], rows)
@@ -308,7 +308,7 @@ def bench_recall(args):
     sweep, rows = {}, []
     for pairs in args.sweep_pairs:
         sweep[pairs] = results[sweep_name] if pairs == args.pairs else recall_run(
-            args, sweep_name.replace(" ", "_").replace("/", "_"), pairs, *variants[sweep_name])
+            args, sweep_name, pairs, *variants[sweep_name])
         rows.append([pairs] + [cell(sweep[pairs][b]) for b in buckets])
     sweep_table = markdown(["pairs"] + buckets, rows)
     report(args, "recall", [f"{args.pairs} pairs per sequence, answers counted per bucket in brackets:\n\n"
@@ -362,7 +362,8 @@ def main(argv=None):
     quality.add_argument("--quick", action="store_true", help=f"a small run in minutes: {QUICK}")
     recall.add_argument("--pairs", type=int, default=8, help="pairs per sequence for the regimes " + d)
     recall.add_argument("--sweep_pairs", type=int, nargs="+", default=[4, 8, 16, 24], help=d)
-    recall.add_argument("--sweep_regime", default="dar hd/8", help=d)
+    recall.add_argument("--sweep_regime", default="dar hd/8", help=d,
+                        choices=["full", "dar hd/4", "dar hd/8", "uniform hd/4", "thin_keys", "sliding"])
     recall.add_argument("--train_seqs", type=int, default=20000, help=d)
     recall.add_argument("--val_seqs", type=int, default=500, help=d)
     recall.add_argument("--quick", action="store_true", help=f"a small run in minutes: {RECALL_QUICK}")
