@@ -144,8 +144,7 @@ def bench_decode(args):
                 with torch.no_grad(), ctx:
                     model(tokens[:, :T])
             fns[name + "/cache"], fns[name + "/none"] = decode, recompute
-            element_size = caches[name].layers[0].local_k.element_size()
-            full_bytes = args.n_layer * args.batch_size * T * 2 * args.n_embd * element_size
+            full_bytes = caches[name].full_nbytes
             results.append({"T": T, "regime": name, "held_bytes": held, "full_bytes": full_bytes,
                             "formula_bytes": round(kv_ratio(T, *configs[name], head_dim) * full_bytes)})
         seconds = median_times(fns, args.repeats, 1, device)

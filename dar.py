@@ -251,6 +251,13 @@ class KVCache:
         """Bytes of keys and values held (plus, with kv_shift, one raw key/value per head)."""
         return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.tensors())
 
+    @property
+    def full_nbytes(self):
+        """Bytes a full-dimension cache of the same length and dtype would hold."""
+        c, local_k = self.config, self.layers[0].local_k
+        element_size = 0 if local_k is None else local_k.element_size()
+        return c.n_layer * self.batch_size * self.length * 2 * c.n_embd * element_size
+
     def tier_nbytes(self):
         """(local tier bytes, far tier bytes)."""
         count = lambda *ts: sum(t.numel() * t.element_size() for t in ts if t is not None)

@@ -93,17 +93,15 @@ def stream_sample(model, tokenizer, prompt_ids, max_new_tokens, temperature=0.8,
             out.write(decode([token.item()]))
             out.flush()
             if cache is not None and (longest is None or cache.length >= longest[0]):
-                element_size = cache.layers[0].local_k.element_size()
-                longest = (cache.length, cache.nbytes, cache.tier_nbytes(), element_size)
+                longest = (cache.length, cache.nbytes, cache.tier_nbytes(), cache.full_nbytes)
     return max_new_tokens / (time.perf_counter() - start), longest
 
 
-def cache_report(config, longest):
+def cache_report(longest):
     """One line: what the two-tier cache held against a full cache of the same length."""
     def size(n):
         return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
-    length, held, (local, far), element_size = longest
-    full = config.n_layer * length * 2 * config.n_embd * element_size
+    length, held, (local, far), full = longest
     extra = f", kv-shift state {size(held - local - far)}" if held > local + far else ""
     return (f"kv cache at {length} tokens: {size(held)} (local {size(local)}, far {size(far)}{extra}) "
             f"vs {size(full)} for a full cache: {held / full:.3f}x")
@@ -161,7 +159,7 @@ def main(argv=None):
             sys.stdout.write("\n" if i == args.num_samples - 1 else "\n---------------\n")
             sys.stdout.flush()
             report = "no cache, context recomputed every step" if longest is None else \
-                cache_report(model.config, longest)
+                cache_report(longest)
             print(f"[{report}; {tokens_per_s:.1f} tokens/s]", file=sys.stderr)
     except BrokenPipeError:   # the reader went away (| head): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -267,6 +267,7 @@ def test_cache_nbytes_is_the_formula(name, kv_shift):
         # kv_shift also holds the last raw key and value: 2d per head per layer, not per token
         shift = cfg.n_layer * B * cfg.n_head * 2 * cfg.head_dim * 4 if kv_shift else 0
         assert cache.nbytes == formula_nbytes(cfg, B, T) + shift
+        assert cache.full_nbytes == cfg.n_layer * B * T * 2 * cfg.n_embd * 4
         local_bytes = cfg.n_layer * B * cfg.n_head * min(T, cfg.window) * 2 * cfg.head_dim * 4
         assert cache.tier_nbytes() == (local_bytes, formula_nbytes(cfg, B, T) - local_bytes)
         # and nothing else is held: every tensor the cache keeps, its whole storage, is that

@@ -356,7 +356,7 @@ def closing_sample(cfg, device, ctx):
     except ValueError:   # a character vocabulary without newlines
         prompt = [0]
     tokens_per_s, longest = stream_sample(model, tokenizer, prompt, cfg.sample_tokens, ctx=ctx)
-    print(f"\n--- {cache_report(model.config, longest)}; {tokens_per_s:.0f} tokens/s ---")
+    print(f"\n--- {cache_report(longest)}; {tokens_per_s:.0f} tokens/s ---")
 
 
 def setup(argv):
