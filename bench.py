@@ -9,7 +9,8 @@ table and writes its raw numbers as JSON to --out_dir.
     python bench.py recall    associative recall accuracy by distance, per regime and as the
                               number of key-value pairs grows (data/recall.py)
 
-Sizes are flags, so the same commands scale up on a GPU; `quality --quick` runs in minutes.
+Sizes are flags, so the same commands scale up on a GPU; `quality --quick` and `recall --quick`
+run in minutes.
 Times are medians of several runs after warm-up, the variants alternated in one process.
 """
 
@@ -273,21 +274,24 @@ def model_predictor(model):
 
 def recall_run(args, name, pairs, window, far_k_dim, far_v_dim):
     """Train one regime on recall data with `pairs` pairs; its accuracy on the val split."""
-    data_dir = os.path.join(args.out_dir, "recall", "data", f"pairs_{pairs}")
+    data_dir = os.path.join(args.out_dir, "recall", "data",   # --quick's data must not be reused by a full run
+                            f"pairs_{pairs}_block_{args.block_size}_seqs_{args.train_seqs}_{args.val_seqs}")
     if not os.path.exists(os.path.join(data_dir, "meta.json")):
         write_recall(data_dir, pairs, args.block_size, train_seqs=args.train_seqs, val_seqs=args.val_seqs)
     out_dir = os.path.join(args.out_dir, "recall", f"{name.replace(' ', '_').replace('/', '_')}_pairs_{pairs}")
     args.dataset = data_dir
     train_run(args, out_dir, "--max_iters", args.max_iters, "--eval_interval", args.eval_interval,
               "--warmup_iters", args.warmup_iters, "--learning_rate", args.learning_rate,
-              "--window", window, "--far_k_dim", far_k_dim, "--far_v_dim", far_v_dim)
+              "--window", window, "--far_k_dim", far_k_dim, "--far_v_dim", far_v_dim,
+              "--kv_shift" if args.kv_shift else "--no-kv_shift")
     model = model_from_checkpoint(load_checkpoint(os.path.join(out_dir, "ckpt_last.pt")), pick_device(args.device))
     val = lambda name: np.fromfile(os.path.join(data_dir, f"{name}.bin"), dtype=np.uint16)
     return recall_accuracy(model_predictor(model), val("val"), val("val_answers"), args.block_size + 1, args.window)
 
 
 def bench_recall(args):
-    """Recall accuracy by distance bucket per regime; then, at fixed far dims, as pairs grow."""
+    """Recall accuracy by distance bucket per regime; then as pairs grow, for the sweep regimes
+    (with full among them, a budget too small for many pairs is told apart from too few far dims)."""
     if args.quick:
         for name, value in RECALL_QUICK.items():
             setattr(args, name, value)
@@ -303,21 +307,24 @@ def bench_recall(args):
         rows.append([name, *config] + [cell(results[name][b]) for b in buckets])
     counts = {b: results["full"][b][1] for b in buckets}
     variant_table = markdown(["regime", "window", "far_k_dim", "far_v_dim"] + [f"{b} ({counts[b]})" for b in buckets], rows)
-    sweep_name = args.sweep_regime
-    sweep, rows = {}, []
+    sweep, rows = {name: {} for name in args.sweep_regimes}, []
     for pairs in args.sweep_pairs:
-        sweep[pairs] = results[sweep_name] if pairs == args.pairs else recall_run(
-            args, sweep_name, pairs, *variants[sweep_name])
-        rows.append([pairs] + [cell(sweep[pairs][b]) for b in buckets])
-    sweep_table = markdown(["pairs"] + buckets, rows)
-    report(args, "recall", [f"{args.pairs} pairs per sequence, answers counted per bucket in brackets:\n\n"
-                            + variant_table, f"{sweep_name} as pairs grow:\n\n" + sweep_table],
-           {"variants": variants, "accuracy": results, "sweep": {str(k): v for k, v in sweep.items()}})
+        for name in args.sweep_regimes:
+            sweep[name][pairs] = results[name] if pairs == args.pairs else recall_run(
+                args, name, pairs, *variants[name])
+            rows.append([pairs, name] + [cell(sweep[name][pairs][b]) for b in buckets])
+    sweep_table = markdown(["pairs", "regime"] + buckets, rows)
+    shift = "with" if args.kv_shift else "without"
+    report(args, "recall", [f"{args.pairs} pairs per sequence, {shift} kv_shift, answers counted per bucket "
+                            "in brackets:\n\n" + variant_table, "As pairs grow:\n\n" + sweep_table],
+           {"variants": variants, "kv_shift": args.kv_shift, "accuracy": results,
+            "sweep": {name: {str(k): v for k, v in by_pairs.items()} for name, by_pairs in sweep.items()}})
 
 
 QUICK = dict(n_layer=2, n_head=4, n_embd=64, block_size=128, window=16, far_dim=4, batch_size=8,
              max_iters=300, eval_interval=50, warmup_iters=20, finetune_iters=50)
-RECALL_QUICK = dict(max_iters=300, eval_interval=100, train_seqs=2000, val_seqs=200, sweep_pairs=[4, 8, 16])
+RECALL_QUICK = dict(block_size=64, window=8, max_iters=600, eval_interval=200, train_seqs=5000, val_seqs=200,
+                    sweep_pairs=[4, 8])
 
 
 def main(argv=None):
@@ -344,7 +351,7 @@ def main(argv=None):
     decode.add_argument("--repeats", type=int, default=3, help=d)
     decode.add_argument("--prefill_chunk", type=int, default=512, help=d)
     for s, (block, iters, interval, lr, wd) in ((quality, (256, 1500, 250, 1e-3, 0.1)),
-                                                 (recall, (128, 2000, 500, 3e-3, 0.1))):
+                                                 (recall, (128, 1500, 500, 3e-3, 0.1))):
         s.add_argument("--block_size", type=int, default=block, help=d)
         s.add_argument("--max_iters", type=int, default=iters, help=d)
         s.add_argument("--eval_interval", type=int, default=interval, help=d)
@@ -360,9 +367,12 @@ def main(argv=None):
     quality.add_argument("--calibration_seqs", type=int, default=16, help="PCA conversion's batch " + d)
     quality.add_argument("--quick", action="store_true", help=f"a small run in minutes: {QUICK}")
     recall.add_argument("--pairs", type=int, default=8, help="pairs per sequence for the regimes " + d)
-    recall.add_argument("--sweep_pairs", type=int, nargs="+", default=[4, 8, 16, 24], help=d)
-    recall.add_argument("--sweep_regime", default="dar hd/8", help=d,
+    recall.add_argument("--sweep_pairs", type=int, nargs="+", default=[4, 8, 16], help=d)
+    recall.add_argument("--sweep_regimes", nargs="+", default=["full", "dar hd/8"], help=d,
                         choices=["full", "dar hd/4", "dar hd/8", "uniform hd/4", "thin_keys", "sliding"])
+    recall.add_argument("--kv_shift", action=argparse.BooleanOptionalAction, default=True,
+                        help="in every regime: one layer can then match a key and copy the token after it; "
+                             "without it this size did not learn recall in 2000 iterations " + d)
     recall.add_argument("--train_seqs", type=int, default=20000, help=d)
     recall.add_argument("--val_seqs", type=int, default=500, help=d)
     recall.add_argument("--quick", action="store_true", help=f"a small run in minutes: {RECALL_QUICK}")

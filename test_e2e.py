@@ -399,11 +399,14 @@ def test_bench_recall_smoke(tmp_path):
     assert r.returncode == 0, r.stderr
     result = json.load(open(tmp_path / "recall.json"))
     assert list(result["accuracy"]) == ["full", "dar hd/4", "dar hd/8", "uniform hd/4", "thin_keys", "sliding"]
-    assert set(result["sweep"]) == {"2", "3"}
-    for accuracy in list(result["accuracy"].values()) + list(result["sweep"].values()):
+    assert result["kv_shift"] is True
+    assert list(result["sweep"]) == ["full", "dar hd/8"] and all(set(s) == {"2", "3"} for s in result["sweep"].values())
+    assert result["sweep"]["full"]["2"] == result["accuracy"]["full"]   # pairs == --pairs: the table's run
+    sweep = [accuracy for by_pairs in result["sweep"].values() for accuracy in by_pairs.values()]
+    for accuracy in list(result["accuracy"].values()) + sweep:
         assert set(accuracy) == {"all", "inside window", "1-2x window", "farther"}
         assert accuracy["all"][1] == sum(accuracy[b][1] for b in ("inside window", "1-2x window", "farther"))
-    assert len(table_rows(r.stdout)) == 6 + 2
+    assert len(table_rows(r.stdout)) == 6 + 2 * 2   # the regimes, then each (pairs, sweep regime)
 
 
 def index_reachable():
