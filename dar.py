@@ -11,7 +11,7 @@ Sections, top to bottom:
   1. GPTConfig            the nanoGPT fields plus window, far_k_dim, far_v_dim, kv_shift
   2. dar_attention        the training path: masked scaled_dot_product_attention calls
   3. kv_shift             the learnable mix of each key/value with the previous token's
-  4. LayerCache, KVCache  the two-tier cache: a ring buffer of full keys, a truncated store
+  4. LayerCache, KVCache  the two-tier cache, preallocated: a ring of full keys, a truncated store
   5. GPT                  nanoGPT's model with DAR attention; forward, cached forward, generate
   6. convert              rotate a trained full-dimension model so truncation loses least
                           (by the weights' SVD, or PCA of keys/values on a calibration batch)
@@ -136,99 +136,121 @@ def kv_shift(x, last, now, prev):
 # 4. The two-tier KV cache
 #
 # Per layer: a ring buffer of the last `window` tokens' full keys and values, where the
-# token at position p lives in slot p % window, and a far store of older tokens' first
-# far_k_dim / far_v_dim coordinates. When a token leaves the window only its leading
-# coordinates are copied to the far store; the rest are never stored. Every tensor is
-# exactly as large as what it holds, so `nbytes` is the memory really in use.
+# token at position p lives in slot p % window, and a far store where an older token's
+# first far_k_dim / far_v_dim coordinates live at index p. When a token leaves the window
+# only those coordinates are copied to the far store; the rest are never stored.
+# Like the static caches of gpt-fast and nanochat, both are allocated once (at the first
+# tokens, when their dtype and device are known) for the most a context can hold,
+# block_size tokens, and written in place; attention reads views of the filled part. In
+# the full regime every token is local: the ring holds block_size tokens and never wraps,
+# so the same code is a plain static full cache.
 
 def masked(scores, mask):
     return scores if mask is None else scores.masked_fill(~mask, float("-inf"))
 
 
-def two_tier_attention(q, local_k, local_v, far_k, far_v, local_mask=None, far_mask=None):
+def two_tier_attention(q, local_k, local_v, far_k=None, far_v=None, local_mask=None, far_mask=None):
     """One softmax over full-dimension local keys and truncated far keys (far_k None: no
     far tier). q: (B, H, n, d); masks (n, keys) are True where a query may look."""
-    d = q.size(-1)
-    scale = 1.0 / math.sqrt(d)
-    scores = [masked(q @ local_k.transpose(-2, -1) * scale, local_mask)]
-    if far_k is not None:
-        far_scores = q[..., :far_k.size(-1)] @ far_k.transpose(-2, -1) * scale
-        scores.append(masked(far_scores, far_mask))
-    att = F.softmax(torch.cat(scores, dim=-1), dim=-1)
-    y = att[..., :local_k.size(2)] @ local_v
-    if far_k is not None:
-        y = y + F.pad(att[..., local_k.size(2):] @ far_v, (0, d - far_v.size(-1)))
-    return y
+    if far_k is None:   # one tier (a full cache, a sliding window): the fused kernel
+        return F.scaled_dot_product_attention(q, local_k, local_v, attn_mask=local_mask)
+    B, H, n, d = q.shape
+    # (B * H, ., .) views for bmm: 4-d matmul would add expand and reshape calls, which
+    # cost more than the arithmetic when decoding one token
+    q, local_k, local_v, far_k, far_v = (t.flatten(0, 1) for t in (q / math.sqrt(d), local_k, local_v, far_k, far_v))
+    scores = torch.cat([masked(torch.bmm(q, local_k.mT), local_mask),
+                        masked(torch.bmm(q[..., :far_k.size(-1)], far_k.mT), far_mask)], dim=-1)
+    att = F.softmax(scores, dim=-1)
+    y = torch.bmm(att[..., :local_k.size(1)], local_v)
+    y[..., :far_v.size(-1)] += torch.bmm(att[..., local_k.size(1):], far_v)   # [v[:rv], 0, ..., 0]
+    return y.unflatten(0, (B, H))
 
 
 class LayerCache:
-    def __init__(self, window, far_k_dim, far_v_dim):
-        self.window, self.far_k_dim, self.far_v_dim = window, far_k_dim, far_v_dim
-        self.has_far = far_k_dim > 0 or far_v_dim > 0   # sliding window: nothing is kept
+    def __init__(self, config, batch_size):
+        self.shape = (batch_size, config.n_head)
+        self.head_dim, self.far_k_dim, self.far_v_dim = config.head_dim, config.far_k_dim, config.far_v_dim
+        self.window = config.block_size if config.is_full else min(config.window, config.block_size)
+        self.far_size = config.block_size - self.window   # positions that can ever be far
+        self.has_far = self.far_size > 0 and (self.far_k_dim > 0 or self.far_v_dim > 0)   # sliding: none
         self.length = 0                            # tokens seen so far
-        self.local_k = self.local_v = None         # (B, H, min(length, window), d)
-        self.far_k = self.far_v = None             # (B, H, length - window, far_k/v_dim)
+        self.local_k = self.local_v = None         # (B, H, window, d), slot p % window
+        self.far_k = self.far_v = None             # (B, H, block_size - window, far_k/v_dim)
         self.last_k = self.last_v = None           # raw key/value of the last token (kv_shift)
 
-    def tensors(self):
-        return [t for t in (self.local_k, self.local_v, self.far_k, self.far_v,
-                            self.last_k, self.last_v) if t is not None]
+    def allocate(self, like):
+        """The buffers, once, in the dtype and on the device of `like`."""
+        self.local_k, self.local_v = (like.new_empty(*self.shape, self.window, self.head_dim) for _ in "kv")
+        if self.has_far:
+            self.far_k = like.new_empty(*self.shape, self.far_size, self.far_k_dim)
+            self.far_v = like.new_empty(*self.shape, self.far_size, self.far_v_dim)
+
+    def held(self):
+        """Views of what is filled: local_k, local_v, far_k, far_v (far None: no far tier)."""
+        if self.local_k is None:
+            return (None,) * 4
+        n_local, n_far = min(self.length, self.window), max(0, self.length - self.window)
+        far = (self.far_k[:, :, :n_far], self.far_v[:, :, :n_far]) if self.has_far else (None, None)
+        return (self.local_k[:, :, :n_local], self.local_v[:, :, :n_local]) + far
 
     def attend(self, q, k, v):
         """Attend n new queries to everything held plus the n new keys/values (already
         shifted), then keep those. q, k, v: (B, H, n, d). Returns (B, H, n, d)."""
         if self.local_k is None:
-            self.local_k, self.local_v = k[:, :, :0].clone(), v[:, :, :0].clone()
-            if self.has_far:
-                self.far_k = k[:, :, :0, :self.far_k_dim].clone()
-                self.far_v = v[:, :, :0, :self.far_v_dim].clone()
+            self.allocate(k)
         return self._attend_one(q, k, v) if q.size(2) == 1 else self._attend_chunk(q, k, v)
 
     def _attend_one(self, q, k, v):
-        """Decoding: token t - window leaves the ring for the far store and token t takes
-        its slot. Then every ring token is local and every stored one far: no masks."""
-        W, slot = self.window, self.length % max(self.window, 1)
+        """Decoding token t: token t - window leaves the ring for the far store and t takes
+        its slot (with window 0, t goes to the far store). Then every ring token is local
+        and every stored one far: no masks."""
+        t, W = self.length, self.window
         if W == 0:
-            self._spill(k, v)
-        elif self.local_k.size(2) < W:   # ring still filling
-            self.local_k, self.local_v = torch.cat([self.local_k, k], 2), torch.cat([self.local_v, v], 2)
+            self._store_far(t, k, v)
         else:
-            self._spill(self.local_k[:, :, slot:slot + 1], self.local_v[:, :, slot:slot + 1])
-            self.local_k[:, :, slot:slot + 1], self.local_v[:, :, slot:slot + 1] = k, v
-        self.length += 1
-        return two_tier_attention(q, self.local_k, self.local_v, self.far_k, self.far_v)
+            slot = t % W
+            if t >= W:
+                self._store_far(t - W, self.local_k[:, :, slot:slot + 1], self.local_v[:, :, slot:slot + 1])
+            self.local_k[:, :, slot:slot + 1] = k
+            self.local_v[:, :, slot:slot + 1] = v
+        self.length = t + 1
+        return two_tier_attention(q, *self.held())
 
     def _attend_chunk(self, q, k, v):
         """A prompt chunk: a new token may see a held or new token locally or far (the
         chunk spans the window boundary), so positions decide, as in dar_attention."""
-        n, W = q.size(2), self.window
-        new_pos = torch.arange(self.length, self.length + n, device=q.device)
-        # ring slot s holds the token p with p % W == s among the last W positions
-        slots = torch.arange(self.local_k.size(2), device=q.device)
-        ring_pos = self.length - 1 - (self.length - 1 - slots) % max(W, 1)
-        recent_k, recent_v = torch.cat([self.local_k, k], 2), torch.cat([self.local_v, v], 2)
-        recent_pos = torch.cat([ring_pos, new_pos])
+        n, W, L = q.size(2), self.window, self.length
+        local_k, local_v, far_k, far_v = self.held()
+        first = L - local_k.size(2)   # the oldest ring token; ring slots in position order:
+        ring = torch.arange(first, L, device=q.device) % max(W, 1)
+        recent_k, recent_v = torch.cat([local_k[:, :, ring], k], 2), torch.cat([local_v[:, :, ring], v], 2)
+        new_pos, recent_pos = (torch.arange(start, L + n, device=q.device) for start in (L, first))
         local, far = tier_masks(new_pos, recent_pos, W)
-        far_k = far_v = None
         if self.has_far:   # held far tokens are far for every new query
-            far_k = torch.cat([self.far_k, recent_k[..., :self.far_k_dim]], 2)
-            far_v = torch.cat([self.far_v, recent_v[..., :self.far_v_dim]], 2)
-            far = torch.cat([far.new_ones(n, self.far_k.size(2)), far], 1)
+            far_k = torch.cat([far_k, recent_k[..., :self.far_k_dim]], 2)
+            far_v = torch.cat([far_v, recent_v[..., :self.far_v_dim]], 2)
+            far = torch.cat([far.new_ones(n, first), far], 1)
         y = two_tier_attention(q, recent_k, recent_v, far_k, far_v, local, far)
-        # keep: tokens now beyond the window go to the far store, the rest form the ring
-        leaving = recent_pos < self.length + n - W
-        self._spill(recent_k[:, :, leaving], recent_v[:, :, leaving])
-        staying = torch.nonzero(~leaving).squeeze(1)
-        staying = staying[torch.argsort(recent_pos[staying] % max(W, 1))]
-        self.local_k, self.local_v = recent_k[:, :, staying], recent_v[:, :, staying]
-        self.length += n
+        # keep: tokens now beyond the window go to the far store, the rest to their slots
+        leaving = max(0, L + n - W - first)
+        self._store_far(first, recent_k[:, :, :leaving], recent_v[:, :, :leaving])
+        if W > 0:
+            slots = recent_pos[leaving:] % W
+            self.local_k.index_copy_(2, slots, recent_k[:, :, leaving:])
+            self.local_v.index_copy_(2, slots, recent_v[:, :, leaving:])
+        self.length = L + n
         return y
 
-    def _spill(self, k, v):
-        """Append tokens that left the window to the far store, first coordinates only."""
+    def _store_far(self, start, k, v):
+        """Write tokens start, start + 1, ... that left the window to the far store, first
+        coordinates only."""
         if self.has_far:
-            self.far_k = torch.cat([self.far_k, k[..., :self.far_k_dim]], 2)
-            self.far_v = torch.cat([self.far_v, v[..., :self.far_v_dim]], 2)
+            self.far_k[:, :, start:start + k.size(2)] = k[..., :self.far_k_dim]
+            self.far_v[:, :, start:start + v.size(2)] = v[..., :self.far_v_dim]
+
+
+def nbytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
 
 
 class KVCache:
@@ -236,20 +258,49 @@ class KVCache:
 
     def __init__(self, config, batch_size):
         self.config, self.batch_size = config, batch_size
-        self.reset()
+        self.layers = [LayerCache(config, batch_size) for _ in range(config.n_layer)]
 
     def reset(self):
-        self.layers = [LayerCache(self.config.window, self.config.far_k_dim, self.config.far_v_dim)
-                       for _ in range(self.config.n_layer)]
+        """Forget every token; the buffers stay for the next prefill."""
+        for layer in self.layers:
+            layer.length, layer.last_k, layer.last_v = 0, None, None
+
+    def copy_rows(self, prefilled):
+        """Take over a cache of fewer rows, each repeated batch_size // prefilled.batch_size
+        times (rows b * repeats, ... are copies of row b): samples share one prefill."""
+        repeats = self.batch_size // prefilled.batch_size
+        if repeats * prefilled.batch_size != self.batch_size or prefilled.config != self.config:
+            raise ValueError("copy_rows needs a cache of the same config and a batch size dividing this one's")
+        for mine, theirs in zip(self.layers, prefilled.layers):
+            if theirs.local_k is not None and mine.local_k is None:
+                mine.allocate(theirs.local_k)
+            for name in ("local_k", "local_v", "far_k", "far_v"):
+                src = getattr(theirs, name)
+                if src is not None:   # in place, each row broadcast to its copies
+                    getattr(mine, name).unflatten(0, (-1, repeats)).copy_(src.unsqueeze(1))
+            mine.last_k, mine.last_v = (None if t is None else t.repeat_interleave(repeats, 0)
+                                        for t in (theirs.last_k, theirs.last_v))
+            mine.length = theirs.length
 
     @property
     def length(self):
         return self.layers[0].length
 
+    def tier_nbytes(self):
+        """(local, far) bytes of the keys and values held."""
+        held = [layer.held() for layer in self.layers]
+        return sum(nbytes(h[:2]) for h in held), sum(nbytes(h[2:]) for h in held)
+
     @property
     def nbytes(self):
-        """Bytes of keys and values held (plus, with kv_shift, one raw key/value per head)."""
-        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.tensors())
+        """Bytes held: DESIGN.md's formula at the current length (plus, with kv_shift, one
+        raw key and value per head)."""
+        return sum(self.tier_nbytes()) + sum(nbytes((l.last_k, l.last_v)) for l in self.layers)
+
+    @property
+    def allocated_nbytes(self):
+        """Bytes of every tensor the cache holds: the formula at block_size (plus kv_shift's)."""
+        return sum(nbytes(vars(layer).values()) for layer in self.layers)
 
     @property
     def full_nbytes(self):
@@ -257,12 +308,6 @@ class KVCache:
         c, local_k = self.config, self.layers[0].local_k
         element_size = 0 if local_k is None else local_k.element_size()
         return c.n_layer * self.batch_size * self.length * 2 * c.n_embd * element_size
-
-    def tier_nbytes(self):
-        """(local tier bytes, far tier bytes)."""
-        count = lambda *ts: sum(t.numel() * t.element_size() for t in ts if t is not None)
-        return (sum(count(layer.local_k, layer.local_v) for layer in self.layers),
-                sum(count(layer.far_k, layer.far_v) for layer in self.layers))
 
 
 # ----------------------------------------------------------------------------------------
@@ -386,24 +431,33 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True,
-                        cache=None):
-        """Yield (B, 1) sampled tokens one at a time, continuing idx (B, T).
+                        cache=None, num_samples=1):
+        """Yield (B * num_samples, 1) sampled tokens one at a time, continuing each row of idx
+        (B, T) num_samples times (rows b * num_samples, ... continue row b).
 
         use_cache=False recomputes the last block_size tokens every step, as nanoGPT does.
-        With the cache (pass one to inspect it), a full context keeps its last
-        block_size // 2 tokens and is prefilled again: O(block_size) a token on average."""
+        With the cache (pass one of batch B * num_samples to inspect it), each prompt is
+        prefilled once and its cache rows copied to its samples. A full context keeps its
+        last block_size // 2 tokens and is prefilled again: O(block_size) a token on average."""
         if temperature <= 0:
             raise ValueError(f"temperature={temperature} must be > 0 (use top_k=1 for greedy)")
         block_size = self.config.block_size
+        prompt, idx = idx[:, -block_size:], idx.repeat_interleave(num_samples, 0)
         if use_cache and cache is None:
             cache = self.new_cache(idx.size(0))
         for step in range(max_new_tokens):
             if not use_cache:
                 logits, _ = self(idx[:, -block_size:])
-            elif step == 0 or cache.length == block_size:
-                keep = block_size if step == 0 else max(1, block_size // 2)
+            elif step == 0:
                 cache.reset()
-                logits, _ = self(idx[:, -keep:], cache=cache)
+                prefilled = cache if num_samples == 1 else self.new_cache(prompt.size(0))
+                logits, _ = self(prompt, cache=prefilled)
+                if num_samples > 1:
+                    cache.copy_rows(prefilled)
+                    logits = logits.repeat_interleave(num_samples, 0)
+            elif cache.length == block_size:
+                cache.reset()
+                logits, _ = self(idx[:, -max(1, block_size // 2):], cache=cache)
             else:
                 logits, _ = self(idx[:, -1:], cache=cache)
             logits = logits[:, -1, :] / temperature
@@ -414,10 +468,10 @@ class GPT(nn.Module):
             idx = torch.cat((idx, idx_next), dim=1)
             yield idx_next
 
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
-        """nanoGPT's generate; top_k=1 is greedy."""
-        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, use_cache))
-        return torch.cat([idx] + new, dim=1)
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, num_samples=1):
+        """nanoGPT's generate; top_k=1 is greedy. Returns (B * num_samples, T + max_new_tokens)."""
+        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, use_cache, None, num_samples))
+        return torch.cat([idx.repeat_interleave(num_samples, 0)] + new, dim=1)
 
 
 # ----------------------------------------------------------------------------------------

@@ -252,29 +252,68 @@ def formula_nbytes(cfg, B, T, element_size=4):
     return cfg.n_layer * per_layer * element_size
 
 
-@pytest.mark.parametrize("name", ["dar", "odd_dims", "uniform", "thin_keys", "sliding", "full_window"])
+def storage_nbytes(cache):
+    """Bytes of the storage behind every tensor the cache's layers keep."""
+    held = [t for layer in cache.layers for t in vars(layer).values() if torch.is_tensor(t)]
+    return sum(t.untyped_storage().nbytes() for t in held)
+
+
+def buffer_addresses(cache):
+    names = ("local_k", "local_v", "far_k", "far_v")
+    return [getattr(layer, n).data_ptr() for layer in cache.layers for n in names if getattr(layer, n) is not None]
+
+
+@pytest.mark.parametrize("name", ["dar", "odd_dims", "uniform", "thin_keys", "sliding", "full_window",
+                                  "full_dims_small_window"])
 @pytest.mark.parametrize("kv_shift", [False, True])
-def test_cache_nbytes_is_the_formula(name, kv_shift):
+def test_cache_nbytes_is_the_formula_and_buffers_are_written_in_place(name, kv_shift):
     window, far_k_dim, far_v_dim = REGIMES[name]
     model, _ = make_model(window=window, far_k_dim=far_k_dim, far_v_dim=far_v_dim, kv_shift=kv_shift)
     cfg, B = model.config, 2
     idx = torch.randint(0, 13, (B, 32))
     cache = model.new_cache(B)
-    assert cache.nbytes == 0
-    model(idx[:, :5], cache=cache)
-    for t in range(5, 32):
-        T = cache.length
-        # kv_shift also holds the last raw key and value: 2d per head per layer, not per token
-        shift = cfg.n_layer * B * cfg.n_head * 2 * cfg.head_dim * 4 if kv_shift else 0
-        assert cache.nbytes == formula_nbytes(cfg, B, T) + shift
-        assert cache.full_nbytes == cfg.n_layer * B * T * 2 * cfg.n_embd * 4
-        local_bytes = cfg.n_layer * B * cfg.n_head * min(T, cfg.window) * 2 * cfg.head_dim * 4
-        assert cache.tier_nbytes() == (local_bytes, formula_nbytes(cfg, B, T) - local_bytes)
-        # and nothing else is held: every tensor the cache keeps, its whole storage, is that
-        held = [t for layer in cache.layers for t in vars(layer).values() if torch.is_tensor(t)]
-        storage = sum(t.untyped_storage().nbytes() for t in held)
-        assert storage == cache.nbytes
-        model(idx[:, t:t + 1], cache=cache)
+    assert cache.nbytes == cache.allocated_nbytes == 0
+    # kv_shift also holds the last raw key and value: 2d per head per layer, not per token
+    shift = cfg.n_layer * B * cfg.n_head * 2 * cfg.head_dim * 4 if kv_shift else 0
+    for prefill in (5, 11):   # a second prefill after reset() reuses the buffers
+        cache.reset()
+        model(idx[:, :prefill], cache=cache)
+        if prefill == 5:
+            buffers = buffer_addresses(cache)
+        for t in range(prefill, 32):
+            T = cache.length
+            assert cache.nbytes == formula_nbytes(cfg, B, T) + shift
+            assert cache.full_nbytes == cfg.n_layer * B * T * 2 * cfg.n_embd * 4
+            local_bytes = cfg.n_layer * B * cfg.n_head * min(T, cfg.window) * 2 * cfg.head_dim * 4
+            if not cfg.is_full:   # the full regime keeps every token in its local tier
+                assert cache.tier_nbytes() == (local_bytes, formula_nbytes(cfg, B, T) - local_bytes)
+            # allocated once for block_size tokens; nothing else is held, nothing is reallocated
+            assert cache.allocated_nbytes == formula_nbytes(cfg, B, cfg.block_size) + shift
+            assert storage_nbytes(cache) == cache.allocated_nbytes
+            assert buffer_addresses(cache) == buffers
+            model(idx[:, t:t + 1], cache=cache)
+
+
+@pytest.mark.parametrize("name", ["dar", "uniform", "sliding", "full_window"])
+@pytest.mark.parametrize("kv_shift", [False, True])
+def test_copied_rows_decode_like_separate_prefills(name, kv_shift):
+    window, far_k_dim, far_v_dim = REGIMES[name]
+    model, _ = make_model(window=window, far_k_dim=far_k_dim, far_v_dim=far_v_dim, kv_shift=kv_shift)
+    g = torch.Generator().manual_seed(3)
+    prompt, continuations = torch.randint(0, 13, (2, 5), generator=g), torch.randint(0, 13, (6, 9), generator=g)
+    prefilled = model.new_cache(2)
+    model(prompt, cache=prefilled)
+    batch = model.new_cache(6)
+    batch.copy_rows(prefilled)   # rows 0-2 continue prompt 0, rows 3-5 prompt 1
+    assert batch.length == 5 and batch.nbytes == 3 * prefilled.nbytes
+    got = torch.cat([model(continuations[:, t:t + 1], cache=batch)[0] for t in range(9)], dim=1)
+    for row in range(6):
+        alone = model.new_cache(1)
+        model(prompt[row // 3:row // 3 + 1], cache=alone)
+        want = torch.cat([model(continuations[row:row + 1, t:t + 1], cache=alone)[0] for t in range(9)], dim=1)
+        torch.testing.assert_close(got[row:row + 1], want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="batch size"):
+        model.new_cache(5).copy_rows(prefilled)
 
 
 def test_cache_ratio_approaches_far_over_full():
@@ -319,6 +358,23 @@ def test_greedy_generate_same_with_and_without_cache(name, kv_shift):
     assert cached.shape == (2, 32)
     assert torch.equal(cached, plain)
     assert torch.equal(cached[:, :5], prompt)
+
+
+@pytest.mark.parametrize("name", ["dar", "uniform", "full_window"])
+def test_several_samples_in_one_batch(name):
+    window, far_k_dim, far_v_dim = REGIMES[name]
+    model, _ = make_model(block_size=16, window=window, far_k_dim=far_k_dim, far_v_dim=far_v_dim, kv_shift=True)
+    prompt = torch.randint(0, 13, (2, 5), generator=torch.Generator().manual_seed(4))
+    out = {}
+    for use_cache in (True, False):   # sampled, within block_size: as the uncached path
+        torch.manual_seed(0)
+        out[use_cache] = model.generate(prompt, 11, temperature=1.0, use_cache=use_cache, num_samples=3)
+    assert out[True].shape == (6, 16) and torch.equal(out[True], out[False])
+    assert torch.equal(out[True][:, :5], prompt.repeat_interleave(3, 0))
+    assert len({tuple(row) for row in out[True][:3, 5:].tolist()}) == 3, "samples of one prompt differ"
+    # greedy past block_size (the batch is prefilled again): every copy as one sample alone
+    batched = model.generate(prompt, 30, top_k=1, num_samples=3)
+    assert torch.equal(batched, model.generate(prompt, 30, top_k=1).repeat_interleave(3, 0))
 
 
 def test_generate_past_block_size_with_bounded_work():
