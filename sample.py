@@ -5,12 +5,14 @@ Sample from a trained checkpoint, decoding with the two-tier KV cache.
     python sample.py --ckpt out/ckpt_best.pt --prompt FILE:prompt.txt --num_samples 3
     echo "KING:" | python sample.py --prompt - --top_k 1
 
-Text goes to stdout as it is generated; the KV cache held (bytes per tier, against a full
-cache of the same length) and tokens/s go to stderr.
+One sample streams to stdout as it is generated; several are generated together in one
+batch (the prompt prefilled once, its cache rows copied) and printed when done. The KV
+cache held (bytes per tier), allocated, and a full cache's bytes, and tokens/s go to stderr.
 """
 
 import argparse
 import os
+import pickle
 import sys
 import time
 from contextlib import nullcontext
@@ -50,11 +52,17 @@ def read_checkpoint(path, device="cpu"):
     """A checkpoint file's dict, loaded safely (tensors and plain values only)."""
     if not os.path.isfile(path):
         raise ValueError(f"no checkpoint at {path}")
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":   # torch.save writes a zip archive
+            raise ValueError(f"{path} is not a PyTorch checkpoint file "
+                             "(train.py writes OUT_DIR/ckpt_best.pt and ckpt_last.pt)")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path} holds Python objects other than tensors and plain values, "
+                         "which are not loaded (weights_only=True, for safety)") from None
     except Exception as e:
-        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:120]})") from None
+        raise ValueError(f"{path} is a damaged checkpoint (truncated or corrupted: {type(e).__name__})") from None
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path} is not a checkpoint (no dict inside)")
     return ckpt
@@ -78,33 +86,51 @@ def model_from_checkpoint(ckpt, device):
     return model.to(device).eval()
 
 
-def stream_sample(model, tokenizer, prompt_ids, max_new_tokens, temperature=0.8, top_k=200,
-                  use_cache=True, out=None, ctx=nullcontext()):
-    """Write one sample to `out` (stdout) as it is generated. Returns (tokens/s, the cache
-    at its longest or None)."""
+def generate_samples(model, tokenizer, prompt_ids, max_new_tokens, num_samples=1, temperature=0.8,
+                     top_k=200, use_cache=True, out=None, ctx=nullcontext()):
+    """Write num_samples continuations of the prompt to `out` (stdout), each after the
+    prompt: one as it is generated, several when done (decoded together, as one batch that
+    shares the prompt's prefill). Returns (tokens/s, cache_stats at its longest or None)."""
     out = out or sys.stdout
     device = next(model.parameters()).device
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    cache = model.new_cache(1) if use_cache else None
-    decode, longest = tokenizer.stream_decoder(), None
+    cache = model.new_cache(num_samples) if use_cache else None
+    prompt, decode, new_tokens, stats = tokenizer.decode(prompt_ids), tokenizer.stream_decoder(), [], None
+    if num_samples == 1:
+        out.write(prompt)
     start = time.perf_counter()
     with ctx:
-        for token in model.generate_stream(idx, max_new_tokens, temperature, top_k, use_cache, cache):
-            out.write(decode([token.item()]))
-            out.flush()
-            if cache is not None and (longest is None or cache.length >= longest[0]):
-                longest = (cache.length, cache.nbytes, cache.tier_nbytes(), cache.full_nbytes)
-    return max_new_tokens / (time.perf_counter() - start), longest
+        stream = model.generate_stream(idx, max_new_tokens, temperature, top_k, use_cache, cache, num_samples)
+        for step, tokens in enumerate(stream):
+            if num_samples == 1:
+                out.write(decode([tokens.item()]))
+                out.flush()
+            new_tokens.append(tokens)
+            full_context = cache is not None and cache.length == model.config.block_size
+            if stats is None and (full_context or cache is not None and step == max_new_tokens - 1):
+                stats = cache_stats(cache)
+    tokens_per_s = num_samples * max_new_tokens / (time.perf_counter() - start)
+    if num_samples > 1:
+        samples = torch.cat(new_tokens, dim=1).tolist()
+        out.write("\n---------------\n".join(prompt + tokenizer.decode(sample) for sample in samples))
+    out.write("\n")
+    out.flush()
+    return tokens_per_s, stats
 
 
-def cache_report(longest):
-    """One line: what the two-tier cache held against a full cache of the same length."""
+def cache_stats(cache):
+    """What the cache holds now: (length, held, (local, far), allocated, a full cache) bytes."""
+    return cache.length, cache.nbytes, cache.tier_nbytes(), cache.allocated_nbytes, cache.full_nbytes
+
+
+def cache_report(stats):
+    """One line: what the two-tier cache held and allocated, against a full cache."""
     def size(n):
         return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
-    length, held, (local, far), full = longest
+    length, held, (local, far), allocated, full = stats
     extra = f", kv-shift state {size(held - local - far)}" if held > local + far else ""
-    return (f"kv cache at {length} tokens: {size(held)} (local {size(local)}, far {size(far)}{extra}) "
-            f"vs {size(full)} for a full cache: {held / full:.3f}x")
+    return (f"kv cache at {length} tokens: {size(held)} held (local {size(local)}, far {size(far)}{extra}) "
+            f"of {size(allocated)} allocated, vs {size(full)} for a full cache: {held / full:.3f}x")
 
 
 def read_prompt(prompt):
@@ -152,18 +178,13 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     torch.manual_seed(args.seed)
     try:
-        for i in range(args.num_samples):
-            sys.stdout.write(prompt)
-            tokens_per_s, longest = stream_sample(model, tokenizer, prompt_ids, args.max_new_tokens,
-                                                  args.temperature, args.top_k, not args.no_cache, ctx=ctx)
-            sys.stdout.write("\n" if i == args.num_samples - 1 else "\n---------------\n")
-            sys.stdout.flush()
-            report = "no cache, context recomputed every step" if longest is None else \
-                cache_report(longest)
-            print(f"[{report}; {tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+        tokens_per_s, stats = generate_samples(model, tokenizer, prompt_ids, args.max_new_tokens, args.num_samples,
+                                               args.temperature, args.top_k, not args.no_cache, ctx=ctx)
+        report = "no cache, context recomputed every step" if stats is None else cache_report(stats)
+        samples = f"{args.num_samples} samples in one batch, " if args.num_samples > 1 else ""
+        print(f"[{report}; {samples}{tokens_per_s:.1f} tokens/s]", file=sys.stderr)
     except BrokenPipeError:   # the reader went away (| head): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-
 
 if __name__ == "__main__":
     main()

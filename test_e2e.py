@@ -190,6 +190,7 @@ def test_sample_greedy_same_with_and_without_cache(trained):
     assert cached.stdout == plain.stdout and cached.stdout.startswith("ROMEO:\n")
     assert len(cached.stdout) == len("ROMEO:\n") + 25 + 1
     assert "kv cache at 31 tokens" in cached.stderr and "local" in cached.stderr and "far" in cached.stderr
+    assert "allocated" in cached.stderr
     assert "no cache" in plain.stderr
 
 
@@ -212,9 +213,12 @@ def test_sample_past_block_size(trained):
 def test_sample_prompt_from_file_stdin_and_several_samples(trained, tmp_path):
     out, _ = trained
     (tmp_path / "p.txt").write_text("JULIET:")
-    r = call(sample.main, "--out_dir", out, "--prompt", f"FILE:{tmp_path / 'p.txt'}", "--num_samples", "2",
-             "--max_new_tokens", "5")
-    assert r.stdout.count("JULIET:") == 2 and "---------------" in r.stdout
+    r = call(sample.main, "--out_dir", out, "--prompt", f"FILE:{tmp_path / 'p.txt'}", "--num_samples", "3",
+             "--max_new_tokens", "40")   # past block_size 32: the batch is prefilled again
+    samples = r.stdout.split("\n---------------\n")
+    assert len(samples) == 3 and all(s.startswith("JULIET:") and len(s.rstrip("\n")) == 47 for s in samples)
+    assert len(set(samples)) == 3, "three different samples"
+    assert "3 samples in one batch" in r.stderr and "kv cache at 32 tokens" in r.stderr
     assert run("sample.py", "--out_dir", out, "--prompt", "-", "--max_new_tokens", "5", stdin="NURSE:").stdout.startswith("NURSE:")
 
 
@@ -228,7 +232,13 @@ def test_bad_input_gets_one_clear_line(corpus, trained, tmp_path):
     _, _, dataset = corpus
     out, _ = trained
     (tmp_path / "garbage.pt").write_bytes(os.urandom(1000))
-    fails_cleanly(call(sample.main, "--ckpt", str(tmp_path / "garbage.pt")), "not a readable checkpoint")
+    fails_cleanly(call(sample.main, "--ckpt", str(tmp_path / "garbage.pt")), "not a PyTorch checkpoint file")
+    fails_cleanly(call(sample.main, "--ckpt", os.path.join(REPO, "README.md")), "README.md is not a PyTorch checkpoint file")
+    good = open(os.path.join(out, "ckpt_last.pt"), "rb").read()
+    (tmp_path / "truncated.pt").write_bytes(good[:len(good) // 2])
+    fails_cleanly(call(sample.main, "--ckpt", str(tmp_path / "truncated.pt")), "truncated.pt is a damaged checkpoint")
+    torch.save({"model": np.zeros(3)}, tmp_path / "unsafe.pt")
+    fails_cleanly(call(sample.main, "--ckpt", str(tmp_path / "unsafe.pt")), "other than tensors and plain values")
     torch.save({"model_args": {}, "model": {}}, tmp_path / "nanogpt.pt")
     fails_cleanly(call(sample.main, "--ckpt", str(tmp_path / "nanogpt.pt")), "--init_from convert")
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")

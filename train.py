@@ -29,8 +29,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import dar
 from data.prepare import DATA_DIR, Tokenizer
 from data.prepare import main as prepare_default_dataset
-from sample import CHECKPOINT_FORMAT, autocast, cache_report, load_checkpoint, \
-    model_from_checkpoint, pick_device, read_checkpoint, stream_sample
+from sample import CHECKPOINT_FORMAT, autocast, cache_report, generate_samples, load_checkpoint, \
+    model_from_checkpoint, pick_device, read_checkpoint
 
 DEFAULT_DATASET = "shakespeare_char"
 
@@ -355,8 +355,8 @@ def closing_sample(cfg, device, ctx):
         prompt = tokenizer.encode("\n") or [0]   # token 0 for token-id data
     except ValueError:   # a character vocabulary without newlines
         prompt = [0]
-    tokens_per_s, longest = stream_sample(model, tokenizer, prompt, cfg.sample_tokens, ctx=ctx)
-    print(f"\n--- {cache_report(longest)}; {tokens_per_s:.0f} tokens/s ---")
+    tokens_per_s, stats = generate_samples(model, tokenizer, prompt, cfg.sample_tokens, ctx=ctx)
+    print(f"--- {cache_report(stats)}; {tokens_per_s:.0f} tokens/s ---")
 
 
 def setup(argv):
