@@ -3,7 +3,8 @@ DAR against its baselines, measured side by side. Each sub-command prints a mark
 table and writes its raw numbers as JSON to --out_dir.
 
     python bench.py speed     training step time per regime; cached vs uncached generation
-    python bench.py decode    KV bytes held and decode tokens/s at context lengths up to 4096
+    python bench.py decode    decode step time against a plain static full cache, batch 1 and 8,
+                              contexts up to 4096; KV bytes; batched against sequential samples
     python bench.py quality   val loss of each regime trained identically on Shakespeare, and
                               a trained full model converted (SVD or PCA), zero-shot and fine-tuned
     python bench.py recall    associative recall accuracy by distance, per regime and as the
@@ -21,9 +22,9 @@ import statistics
 import sys
 import time
 
-import torch
-
 import numpy as np
+import torch
+from torch.nn import functional as F
 
 import dar
 import train
@@ -119,47 +120,93 @@ def bench_speed(args):
                                                      "regimes": configs})
 
 
+class StaticLayerCache:
+    """One layer of the peer below: a (B, H, block_size, d) key and value buffer, written at
+    the current position; attention over the filled prefix by the fused kernel."""
+    last_k = last_v = None   # dar.GPT's kv_shift state; the decode models have none
+
+    def __init__(self, shape, dtype, device):
+        self.k, self.v = (torch.zeros(shape, dtype=dtype, device=device) for _ in "kv")
+        self.length = 0
+
+    def attend(self, q, k, v):
+        start, end = self.length, self.length + q.size(2)
+        self.k[:, :, start:end], self.v[:, :, start:end] = k, v
+        self.length = end
+        causal = None if q.size(2) == 1 else torch.ones(q.size(2), end, dtype=torch.bool, device=q.device).tril(start)
+        return F.scaled_dot_product_attention(q, self.k[:, :, :end], self.v[:, :, :end], attn_mask=causal)
+
+
+class StaticCache:
+    """The peer a user would run instead of the two-tier cache: a plain preallocated full
+    cache, as gpt-fast, nanochat and HF's static cache keep it. Written here, independent of
+    dar.KVCache, it plugs into dar.GPT's cached forward (same attribute names)."""
+
+    def __init__(self, config, batch_size, dtype, device):
+        self.batch_size = batch_size
+        shape = (batch_size, config.n_head, config.block_size, config.head_dim)
+        self.layers = [StaticLayerCache(shape, dtype, device) for _ in range(config.n_layer)]
+
+    @property
+    def length(self):
+        return self.layers[0].length
+
+
 def bench_decode(args):
-    """KV bytes held after a prompt of each length (measured from the cache's tensors, next
-    to the formula and a full cache) and decode tokens/s: two-tier, full cache, no cache."""
+    """One-token decode step per regime against a plain static full cache, at batch sizes
+    and context lengths; KV bytes held and allocated; batched against sequential samples."""
     device, head_dim = pick_device(args.device), args.n_embd // args.n_head
-    ctx, _ = autocast(device)
-    block_size = max(args.lengths) + args.decode_tokens * (args.repeats + 1)
+    ctx, dtype = autocast(device)
+    block_size = max(args.lengths) + args.warmup + args.steps
     configs = regimes(block_size, head_dim, args.window, args.far_dim)
     models = {name: model_for(args, *c, block_size).to(device).eval() for name, c in configs.items()}
-    tokens = torch.randint(args.vocab_size, (args.batch_size, max(args.lengths)), device=device)
     results, rows = [], []
-    for T in args.lengths:
-        caches, fns = {}, {}
-        for name, model in models.items():
-            caches[name] = model.new_cache(args.batch_size)
-            with torch.no_grad(), ctx:
-                for start in range(0, T, args.prefill_chunk):   # prefill in chunks: bounded memory
-                    model(tokens[:, start:min(T, start + args.prefill_chunk)], cache=caches[name])
-            held = caches[name].nbytes
-            def decode(model=model, cache=caches[name]):
+    for B in args.batch_sizes:
+        tokens = torch.randint(args.vocab_size, (B, max(args.lengths)), device=device)
+        for T in args.lengths:
+            caches = {"static": StaticCache(models["full"].config, B, getattr(torch, dtype), device)}
+            caches.update({name: model.new_cache(B) for name, model in models.items()})
+            steps = {}
+            for name, cache in caches.items():
+                model = models["full" if name == "static" else name]
                 with torch.no_grad(), ctx:
-                    for _ in range(args.decode_tokens):
+                    for start in range(0, T, args.prefill_chunk):   # in chunks: bounded memory
+                        model(tokens[:, start:min(T, start + args.prefill_chunk)], cache=cache)
+                def step(model=model, cache=cache):
+                    with torch.no_grad(), ctx:
                         model(tokens[:, :1], cache=cache)
-            def recompute(model=model):
-                with torch.no_grad(), ctx:
-                    model(tokens[:, :T])
-            fns[name + "/cache"], fns[name + "/none"] = decode, recompute
-            full_bytes = caches[name].full_nbytes
-            results.append({"T": T, "regime": name, "held_bytes": held, "full_bytes": full_bytes,
-                            "formula_bytes": round(kv_ratio(T, *configs[name], head_dim) * full_bytes)})
-        seconds = median_times(fns, args.repeats, 1, device)
-        for r in results[-len(models):]:
-            r["tokens_per_s_cache"] = args.batch_size * args.decode_tokens / seconds[r["regime"] + "/cache"]
-            r["tokens_per_s_full_cache"] = args.batch_size * args.decode_tokens / seconds["full/cache"]
-            r["tokens_per_s_no_cache"] = args.batch_size / seconds[r["regime"] + "/none"]
-            rows.append([T, r["regime"], f"{r['held_bytes']:,}", f"{r['formula_bytes']:,}", f"{r['full_bytes']:,}",
-                         f"{r['held_bytes'] / r['full_bytes']:.3f}", f"{r['tokens_per_s_cache']:.0f}",
-                         f"{r['tokens_per_s_full_cache']:.0f}", f"{r['tokens_per_s_no_cache']:.1f}"])
-        print(f"T={T} done", file=sys.stderr, flush=True)
-    table = markdown(["T", "regime", "KV bytes held", "formula", "full cache", "held/full",
-                      "tok/s two-tier", "tok/s full cache", "tok/s no cache"], rows)
-    report(args, "decode", [table], {"rows": results, "regimes": configs})
+                steps[name] = step
+            held = {name: (c.nbytes, c.allocated_nbytes) for name, c in caches.items() if name != "static"}
+            seconds = median_times(steps, args.steps, args.warmup, device)
+            for name in caches:
+                r = {"B": B, "T": T, "regime": name, "ms_per_step": 1000 * seconds[name],
+                     "vs_static": seconds[name] / seconds["static"]}
+                if name != "static":   # bytes at T, measured before the timed steps added tokens
+                    ratio, full, full_allocated = kv_ratio(T, *configs[name], head_dim), *held["full"]
+                    r.update(held_bytes=held[name][0], allocated_bytes=held[name][1], full_bytes=full,
+                             bytes_vs_full=ratio, formula_bytes=round(ratio * full), formula_at_block_bytes=round(
+                                 kv_ratio(block_size, *configs[name], head_dim) * full_allocated))
+                results.append(r)
+                rows.append([B, T, name, f"{r['ms_per_step']:.2f}", f"{r['vs_static']:.2f}",
+                             f"{r['bytes_vs_full']:.3f}" if name != "static" else "1.000"])
+            print(f"B={B} T={T} done", file=sys.stderr, flush=True)
+    table = markdown(["B", "T", "regime", "ms/step", "vs static", "KV bytes vs full"], rows)
+    # several samples of one prompt: one batch (one prefill, rows copied) against one at a time
+    model, prompt = models["dar"], torch.randint(args.vocab_size, (1, args.sample_prompt), device=device)
+    def sample(batched):
+        def run():
+            with ctx:
+                if batched:
+                    list(model.generate_stream(prompt, args.sample_tokens, num_samples=args.num_samples))
+                else:
+                    for _ in range(args.num_samples):
+                        list(model.generate_stream(prompt, args.sample_tokens))
+        return run
+    sample_s = median_times({"batched": sample(True), "sequential": sample(False)}, args.sample_repeats, 1, device)
+    sample_table = markdown([f"{args.num_samples} samples of {args.sample_tokens} tokens", "seconds", "speed-up"],
+                            [[name, f"{s:.2f}", f"{sample_s['sequential'] / s:.2f}x"] for name, s in sample_s.items()])
+    report(args, "decode", [table, sample_table], {"rows": results, "regimes": configs, "block_size": block_size,
+                                                   "sample_seconds": sample_s})
 
 
 # ----------------------------------------------------------------------------------------
@@ -331,11 +378,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     d = "(default: %(default)s)"
-    for name, size in (("speed", (4, 4, 128, 16, 64, 8)), ("decode", (4, 4, 256, 1, 128, 16)),
+    for name, size in (("speed", (4, 4, 128, 16, 64, 8)), ("decode", (4, 4, 256, None, 128, 16)),
                        ("quality", (4, 4, 128, 8, 32, 0)), ("recall", (2, 2, 64, 32, 16, 0))):
         s = sub.add_parser(name, help=globals()[f"bench_{name}"].__doc__)
         for flag, default in zip(("n_layer", "n_head", "n_embd", "batch_size", "window", "far_dim"), size):
-            s.add_argument(f"--{flag}", type=int, default=default, help=d)
+            if default is not None:   # decode has --batch_sizes instead
+                s.add_argument(f"--{flag}", type=int, default=default, help=d)
         s.add_argument("--device", default="auto", help=d)
         s.add_argument("--out_dir", default="bench_out", help=d)
         s.add_argument("--vocab_size", type=int, default=65, help="random tokens' vocabulary " + d)
@@ -346,10 +394,15 @@ def main(argv=None):
     speed.add_argument("--gen_block_size", type=int, default=1024, help=d)
     speed.add_argument("--gen_tokens", type=int, default=1023, help="a 1-token prompt then fills gen_block_size " + d)
     speed.add_argument("--gen_repeats", type=int, default=3, help=d)
-    decode.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096], help=d)
-    decode.add_argument("--decode_tokens", type=int, default=16, help="tokens timed per run " + d)
-    decode.add_argument("--repeats", type=int, default=3, help=d)
+    decode.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8], help=d)
+    decode.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 2048, 4096], help=d)
+    decode.add_argument("--steps", type=int, default=40, help="one-token steps timed, variants interleaved " + d)
+    decode.add_argument("--warmup", type=int, default=5, help=d)
     decode.add_argument("--prefill_chunk", type=int, default=512, help=d)
+    decode.add_argument("--num_samples", type=int, default=8, help="batched against sequential sampling " + d)
+    decode.add_argument("--sample_tokens", type=int, default=256, help=d)
+    decode.add_argument("--sample_prompt", type=int, default=256, help="prompt tokens " + d)
+    decode.add_argument("--sample_repeats", type=int, default=3, help=d)
     for s, (block, iters, interval, lr, wd) in ((quality, (256, 1500, 250, 1e-3, 0.1)),
                                                  (recall, (128, 1500, 500, 3e-3, 0.1))):
         s.add_argument("--block_size", type=int, default=block, help=d)

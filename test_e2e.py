@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import bench
+import dar
 import sample
 import train
 from data import prepare, recall
@@ -308,17 +309,35 @@ def test_bench_speed_smoke(tmp_path):
     assert set(result["step_seconds"]) == set(names[:5]) and len(result["generate_seconds"]) == 2
 
 
+def test_the_static_peer_of_bench_decode_matches_the_uncached_forward():
+    torch.manual_seed(0)
+    model = dar.GPT(dar.GPTConfig(vocab_size=11, block_size=24, n_layer=2, n_head=2, n_embd=16, window=24)).eval()
+    idx = torch.randint(0, 11, (3, 24))
+    cache = bench.StaticCache(model.config, 3, torch.float32, "cpu")
+    with torch.no_grad():
+        got = [model(idx[:, :5], cache=cache)[0], model(idx[:, 5:12], cache=cache)[0]]   # chunks
+        got += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(12, 24)]
+        want = [model(idx[:, :t])[0] for t in [5, 12] + list(range(13, 25))]
+    torch.testing.assert_close(torch.cat(got, 1), torch.cat(want, 1), atol=1e-5, rtol=1e-5)
+
+
 def test_bench_decode_smoke_bytes_are_the_formula(tmp_path):
-    r = call(bench.main, "decode", *TINY_BENCH, "--lengths", "3", "16", "40", "--decode_tokens", "2",
-             "--repeats", "1", "--prefill_chunk", "7", "--out_dir", str(tmp_path))
+    r = call(bench.main, "decode", *TINY_BENCH, "--batch_sizes", "1", "3", "--lengths", "3", "16", "40",
+             "--steps", "2", "--warmup", "1", "--prefill_chunk", "7", "--num_samples", "2", "--sample_tokens", "3",
+             "--sample_prompt", "4", "--sample_repeats", "1", "--out_dir", str(tmp_path))
     assert r.returncode == 0, r.stderr
-    rows = json.load(open(tmp_path / "decode.json"))["rows"]
-    assert len(rows) == len(table_rows(r.stdout)) == 15
+    result = json.load(open(tmp_path / "decode.json"))
+    rows = result["rows"]
+    assert len(rows) == len(table_rows(r.stdout)) - 2 == 2 * 3 * 6   # (B, T) x (the static peer, 5 regimes)
+    assert [row["regime"] for row in rows[:6]] == ["static", "full", "dar", "uniform", "thin_keys", "sliding"]
     for row in rows:
-        assert row["held_bytes"] == row["formula_bytes"], row
-        assert {"tokens_per_s_cache", "tokens_per_s_full_cache", "tokens_per_s_no_cache"} <= set(row)
+        assert row["ms_per_step"] > 0
+        if row["regime"] != "static":
+            assert row["held_bytes"] == row["formula_bytes"], row
+            assert row["allocated_bytes"] == row["formula_at_block_bytes"], row
     full = [row for row in rows if row["regime"] == "full"]
     assert all(row["held_bytes"] == row["full_bytes"] for row in full)
+    assert set(result["sample_seconds"]) == {"batched", "sequential"}
 
 
 def test_bench_quality_smoke(corpus, tmp_path):
