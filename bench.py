@@ -216,6 +216,7 @@ def bench_decode(args):
                             [[name, f"{s:.2f}", f"{sample_s['sequential'] / s:.2f}x"] for name, s in sample_s.items()])
     report(args, "decode", [table, sample_table], {"rows": results, "regimes": configs, "block_size": block_size,
                                                    "sample_seconds": sample_s})
+    plot_decode(results, os.path.join(args.out_dir, "decode.png"))
 
 
 # ----------------------------------------------------------------------------------------
@@ -285,13 +286,21 @@ def convert_and_fine_tune(args, configs):
     return table, results
 
 
-def plot_curves(args, curves):
+def pyplot():
+    """matplotlib.pyplot drawing to files, or None (one line says so): an optional extra."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        return plt
     except ImportError:
-        print("matplotlib is not installed: no PNG of the curves (pip install matplotlib)")
+        print("matplotlib is not installed: no PNG (pip install matplotlib)")
+        return None
+
+
+def plot_curves(args, curves):
+    plt = pyplot()
+    if plt is None:
         return
     for name, curve in curves.items():
         plt.plot(*zip(*curve[1:]), label=name)   # from the first evaluation after init
@@ -300,6 +309,34 @@ def plot_curves(args, curves):
     plt.legend()
     plt.savefig(os.path.join(args.out_dir, "quality_curves.png"), dpi=100)
     plt.close()
+
+
+def plot_decode(results, path):
+    """Step time against context length at each batch size, and KV bytes held per sequence."""
+    plt = pyplot()
+    if plt is None:
+        return
+    batch_sizes = sorted({r["B"] for r in results})
+    fig, axes = plt.subplots(1, len(batch_sizes) + 1, figsize=(4.2 * (len(batch_sizes) + 1), 3.8))
+    for name, style in (("static", "k--"), ("full", "C0-"), ("dar", "C3-"), ("uniform", "C2-"),
+                        ("thin_keys", "C1-"), ("sliding", "C7-")):
+        for ax, B in zip(axes, batch_sizes):
+            rows = [r for r in results if r["regime"] == name and r["B"] == B]
+            label = "static full cache (peer)" if name == "static" else name
+            ax.plot([r["T"] for r in rows], [r["ms_per_step"] for r in rows], style, marker=".", label=label)
+            ax.set(title=f"decode step, batch {B}", xlabel="context length T", ylabel="ms per token step")
+        if name != "static":   # the peer holds what the full regime holds
+            rows = [r for r in results if r["regime"] == name and r["B"] == batch_sizes[0]]
+            axes[-1].plot([r["T"] for r in rows], [r["held_bytes"] / r["B"] / 2**20 for r in rows], style,
+                          marker=".", label=name)
+    axes[-1].set(title="KV cache held per sequence", xlabel="context length T", ylabel="MiB")
+    axes[0].legend()
+    for ax in axes:
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------
