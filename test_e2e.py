@@ -176,12 +176,20 @@ def test_convert_ours_and_nanogpt_then_fine_tune(corpus, tmp_path):
                  "--convert_from", str(source), "--max_iters", "5", "--eval_interval", "5", *TINY)
         ckpt = torch.load(out / "ckpt_last.pt", weights_only=True)
         assert (ckpt["model_config"]["window"], ckpt["model_config"]["far_k_dim"]) == (8, 2), r.stdout
+        assert {k: ckpt["train_config"][k] for k in train.CONVERT_DEFAULTS} == train.CONVERT_DEFAULTS
     # the converted model before fine-tuning, with full far dims, is the original model
     r0 = call(train.main, "--dataset", dataset, "--out_dir", str(tmp_path / "zero"), "--init_from", "convert",
               "--convert_from", str(tmp_path / "nanogpt.pt"), "--max_iters", "0", *TINY, "--window", "4",
               "--far_k_dim", "8", "--far_v_dim", "8")
     zero_shot = float(r0.stdout.split("eval 0: ")[1].split("val loss ")[1].split()[0])
     assert abs(zero_shot - ours["val_loss"]) < 2e-4
+
+
+def test_convert_has_a_fine_tune_schedule_that_flags_override():
+    cfg = train.settings({"init_from": "convert", "learning_rate": 5e-4}, "cpu")
+    assert (cfg.learning_rate, cfg.min_lr, cfg.warmup_iters) == (5e-4, train.CONVERT_DEFAULTS["min_lr"], 0)
+    scratch = train.settings({}, "cpu")
+    assert (scratch.learning_rate, scratch.warmup_iters) == (train.TrainConfig.learning_rate, train.TrainConfig.warmup_iters)
 
 
 def test_sample_greedy_same_with_and_without_cache(trained):

@@ -85,6 +85,11 @@ CUDA_DEFAULTS = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.
                      eval_iters=200)
 
 
+# --init_from convert fine-tunes a trained model: a from-scratch schedule (warm-up to 1e-3)
+# first undoes the conversion; 1e-4 with no warm-up never did (README, "Converting").
+CONVERT_DEFAULTS = dict(learning_rate=1e-4, min_lr=1e-5, warmup_iters=0)
+
+
 def parse_args(argv):
     """Only the flags given on the command line, as a dict (so defaults can depend on the
     device, and resume can keep the checkpoint's settings)."""
@@ -92,7 +97,8 @@ def parse_args(argv):
                                 argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(TrainConfig):
         cuda = f" (CUDA: {CUDA_DEFAULTS[f.name]})" if f.name in CUDA_DEFAULTS else ""
-        help = f"default: {f.default!r}{cuda}"
+        convert = f" (convert: {CONVERT_DEFAULTS[f.name]})" if f.name in CONVERT_DEFAULTS else ""
+        help = f"default: {f.default!r}{cuda}{convert}"
         if f.type is bool:
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=help)
         else:
@@ -103,12 +109,16 @@ def parse_args(argv):
 
 
 def settings(given, device, resumed=None):
-    """Defaults, then the CUDA sizes (or, on resume, the checkpoint's settings), then flags."""
+    """Defaults, then the CUDA sizes and the fine-tune schedule of convert (or, on resume,
+    the checkpoint's settings), then flags."""
     base = dataclasses.asdict(TrainConfig())
     if resumed is not None:
         base.update(resumed)
-    elif torch.device(device).type == "cuda":
-        base.update(CUDA_DEFAULTS)
+    else:
+        if torch.device(device).type == "cuda":
+            base.update(CUDA_DEFAULTS)
+        if given.get("init_from") == "convert":
+            base.update(CONVERT_DEFAULTS)
     cfg = TrainConfig(**{**base, **given})
     for name in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
         if getattr(cfg, name) < 1:
