@@ -106,8 +106,8 @@ def generate_samples(model, tokenizer, prompt_ids, max_new_tokens, num_samples=1
                 out.write(decode([tokens.item()]))
                 out.flush()
             new_tokens.append(tokens)
-            full_context = cache is not None and cache.length == model.config.block_size
-            if stats is None and (full_context or cache is not None and step == max_new_tokens - 1):
+            longest = cache is not None and (cache.length == model.config.block_size or step == max_new_tokens - 1)
+            if longest and stats is None:
                 stats = cache_stats(cache)
     tokens_per_s = num_samples * max_new_tokens / (time.perf_counter() - start)
     if num_samples > 1:
@@ -185,6 +185,7 @@ def main(argv=None):
         print(f"[{report}; {samples}{tokens_per_s:.1f} tokens/s]", file=sys.stderr)
     except BrokenPipeError:   # the reader went away (| head): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
 
 if __name__ == "__main__":
     main()
