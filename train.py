@@ -86,7 +86,7 @@ CUDA_DEFAULTS = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.
 
 
 # --init_from convert fine-tunes a trained model: a from-scratch schedule (warm-up to 1e-3)
-# first undoes the conversion; 1e-4 with no warm-up never did (README, "Fine-tuning a
+# first undoes the conversion; 1e-4 with no warm-up never did (RESULTS.md, "Fine-tuning a
 # conversion").
 CONVERT_DEFAULTS = dict(learning_rate=1e-4, min_lr=1e-5, warmup_iters=0)
 
