@@ -260,9 +260,9 @@ def bench_quality(args):
     curve_table = markdown(["iter"] + list(curves),
                            [[it] + [f"{curves[n][i][1]:.4f}" for n in curves] for i, (it, _) in enumerate(curves["full"])])
     conversions = convert_and_fine_tune(args, configs)
-    plot_curves(args, curves)
     report(args, "quality", [variant_table, "val loss during training:\n\n" + curve_table, conversions[0]],
            {"curves": curves, "final_val_loss": final, "conversion": conversions[1]})
+    plot_curves(curves, os.path.join(args.out_dir, "quality.png"))
 
 
 def convert_and_fine_tune(args, configs):
@@ -298,17 +298,20 @@ def pyplot():
         return None
 
 
-def plot_curves(args, curves):
+def plot_curves(curves, path):
+    """Val loss against iteration, one line per regime, from the first evaluation after init."""
     plt = pyplot()
     if plt is None:
         return
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name, curve in curves.items():
-        plt.plot(*zip(*curve[1:]), label=name)   # from the first evaluation after init
-    plt.xlabel("iteration")
-    plt.ylabel("val loss")
-    plt.legend()
-    plt.savefig(os.path.join(args.out_dir, "quality_curves.png"), dpi=100)
-    plt.close()
+        ax.plot(*zip(*curve[1:]), marker=".", label=name)
+    ax.set(title="validation loss while training (lower is better)", xlabel="iteration", ylabel="val loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def plot_decode(results, path):

@@ -362,6 +362,7 @@ def test_bench_quality_smoke(corpus, tmp_path):
     assert set(result["conversion"]) == {"dar/weight SVD", "dar/PCA", "uniform/weight SVD", "uniform/PCA"}
     assert all(set(c) == {"zero_shot", "fine_tuned"} for c in result["conversion"].values())
     assert [row.split("|")[1].strip() for row in table_rows(r.stdout)][:6] == variants
+    assert (tmp_path / "quality.png").exists() or "matplotlib is not installed" in r.stdout   # an optional extra
 
 
 # ----------------------------------------------------------------------------------------
