@@ -346,7 +346,8 @@ def plot_decode(results, path):
 
 def recall_accuracy(predict, tokens, answers, length, window, batch_size=100):
     """Accuracy on the answer tokens, overall and by the distance from the query to the
-    token it must copy: inside the window, 1-2x the window, farther. Returns
+    token it must copy: inside the window, 1-2x the window, farther (and the last two
+    together, beyond the window). Returns
     {bucket: (accuracy or None, answers counted)}. predict: (B, n) ids -> (B, n) next ids."""
     seqs = np.asarray(tokens, dtype=np.int64).reshape(-1, length)
     dist = np.asarray(answers, dtype=np.int64).reshape(-1, length)[:, 1:]
@@ -355,7 +356,8 @@ def recall_accuracy(predict, tokens, answers, length, window, batch_size=100):
         x = torch.from_numpy(seqs[i:i + batch_size, :-1])
         correct[i:i + batch_size] = predict(x).cpu().numpy() == seqs[i:i + batch_size, 1:]
     buckets = {"all": dist > 0, "inside window": (dist > 0) & (dist < window),
-               "1-2x window": (dist >= window) & (dist < 2 * window), "farther": dist >= 2 * window}
+               "1-2x window": (dist >= window) & (dist < 2 * window), "farther": dist >= 2 * window,
+               "beyond window": dist >= window}
     return {name: (float(correct[m].mean()) if m.any() else None, int(m.sum())) for name, m in buckets.items()}
 
 
@@ -368,13 +370,13 @@ def model_predictor(model):
     return predict
 
 
-def recall_run(args, name, pairs, window, far_k_dim, far_v_dim):
+def recall_run(args, name, pairs, window, far_k_dim, far_v_dim, folder="recall"):
     """Train one regime on recall data with `pairs` pairs; its accuracy on the val split."""
-    data_dir = os.path.join(args.out_dir, "recall", "data",   # --quick's data must not be reused by a full run
+    data_dir = os.path.join(args.out_dir, folder, "data",   # --quick's data must not be reused by a full run
                             f"pairs_{pairs}_block_{args.block_size}_seqs_{args.train_seqs}_{args.val_seqs}")
     if not os.path.exists(os.path.join(data_dir, "meta.json")):
         write_recall(data_dir, pairs, args.block_size, train_seqs=args.train_seqs, val_seqs=args.val_seqs)
-    out_dir = os.path.join(args.out_dir, "recall", f"{name.replace(' ', '_').replace('/', '_')}_pairs_{pairs}")
+    out_dir = os.path.join(args.out_dir, folder, f"{name.replace(' ', '_').replace('/', '_')}_pairs_{pairs}")
     args.dataset = data_dir
     train_run(args, out_dir, "--max_iters", args.max_iters, "--eval_interval", args.eval_interval,
               "--warmup_iters", args.warmup_iters, "--learning_rate", args.learning_rate,
@@ -417,8 +419,95 @@ def bench_recall(args):
             "sweep": {name: {str(k): v for k, v in by_pairs.items()} for name, by_pairs in sweep.items()}})
 
 
+# ----------------------------------------------------------------------------------------
+
+def capacity_cells(head_dim, window, block_size, dims, tied_dims):
+    """name -> (window, far_k_dim, far_v_dim): full attention (the ceiling), a sliding window
+    (the floor), then far keys reduced (selection), far values reduced (transfer), both."""
+    cells = {"full": (block_size, head_dim, head_dim), "sliding": (window, 0, 0)}
+    cells.update({f"keys {r}": (window, r, head_dim) for r in dims})
+    cells.update({f"values {r}": (window, head_dim, r) for r in dims})
+    cells.update({f"tied {r}": (window, r, r) for r in tied_dims})
+    return cells
+
+
+def bench_capacity(args):
+    """Recall accuracy on answers beyond the window as far keys, far values or both shrink,
+    for several numbers of pairs and seeds, between full attention and a sliding window."""
+    if args.quick:
+        for name, value in CAPACITY_QUICK.items():
+            setattr(args, name, value)
+    head_dim = args.n_embd // args.n_head
+    cells = capacity_cells(head_dim, args.window, args.block_size, args.dims, args.tied_dims)
+    seeds, start = [args.seed + i for i in range(args.seeds)], time.time()
+    accuracy = {name: {pairs: [] for pairs in args.pairs} for name in cells}   # one per seed
+    for pairs in args.pairs:
+        for name, config in cells.items():
+            for args.seed in seeds:   # train_run passes args.seed to train.py
+                result = recall_run(args, f"{name} seed {args.seed}", pairs, *config, folder="capacity")
+                accuracy[name][pairs].append(result["beyond window"][0])
+    learnt = {pairs: statistics.median(accuracy["full"][pairs]) >= 0.95 for pairs in args.pairs}
+    def cell(accs, pairs):
+        text = f"{100 * statistics.median(accs):.1f}%" + (f" ({100 * min(accs):.0f}-{100 * max(accs):.0f})" if len(accs) > 1 else "")
+        return text if learnt[pairs] else text + " budget"
+    grid = markdown(["cell", "window", "far_k_dim", "far_v_dim"] + [f"{pairs} pairs" for pairs in args.pairs],
+                    [[name, *config] + [cell(accuracy[name][p], p) for p in args.pairs] for name, config in cells.items()])
+    smallest = {series: {pairs: smallest_dim(accuracy, series, pairs, learnt[pairs]) for pairs in args.pairs}
+                for series in ("keys", "values", "tied")}
+    summary = markdown(["pairs", "smallest far_k_dim (values full)", "smallest far_v_dim (keys full)", "smallest tied"],
+                       [[pairs] + [smallest[series][pairs] for series in smallest] for pairs in args.pairs])
+    minutes = (time.time() - start) / 60
+    report(args, "capacity", [f"Median accuracy beyond the window over {len(seeds)} seed(s) (min-max); 'budget': full "
+                              f"attention below 95% at that many pairs, so the cell measures the budget:\n\n" + grid,
+                              "Smallest far dimension reaching 90% of full attention's accuracy:\n\n" + summary,
+                              f"{len(cells) * len(args.pairs) * len(seeds)} training runs, {minutes:.1f} minutes"],
+           {"cells": cells, "seeds": seeds, "learnt": learnt, "smallest": smallest, "minutes": minutes,
+            "accuracy": {name: {str(p): a for p, a in by_pairs.items()} for name, by_pairs in accuracy.items()}})
+    plot_capacity(cells, accuracy, args.pairs, head_dim, os.path.join(args.out_dir, "capacity.png"))
+
+
+def smallest_dim(accuracy, series, pairs, learnt):
+    """The smallest dimension of a series whose median reaches 90% of full attention's."""
+    if not learnt:
+        return "budget"
+    target = 0.9 * statistics.median(accuracy["full"][pairs])
+    dims = sorted(int(name.split()[1]) for name in accuracy if name.startswith(series + " "))
+    passing = [r for r in dims if statistics.median(accuracy[f"{series} {r}"][pairs]) >= target]
+    return str(passing[0]) if passing else f"> {dims[-1]}" if dims else "-"
+
+
+def plot_capacity(cells, accuracy, pairs_list, head_dim, path):
+    """Accuracy beyond the window against far dimension, one line per number of pairs; the
+    rightmost point (head_dim) is full attention, the dotted line the sliding window."""
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(12.6, 3.9), sharey=True)
+    titles = {"keys": "far keys reduced (values full)", "values": "far values reduced (keys full)",
+              "tied": "both reduced (DAR)"}
+    for ax, (series, title) in zip(axes, titles.items()):
+        dims = sorted(int(name.split()[1]) for name in cells if name.startswith(series + " "))
+        for i, pairs in enumerate(pairs_list):
+            runs = [accuracy[f"{series} {r}"][pairs] for r in dims] + [accuracy["full"][pairs]]
+            med = [100 * statistics.median(a) for a in runs]
+            err = [[m - 100 * min(a) for m, a in zip(med, runs)], [100 * max(a) - m for m, a in zip(med, runs)]]
+            ax.errorbar(dims + [head_dim], med, yerr=err, marker="o", color=f"C{i}", capsize=3, label=f"{pairs} pairs")
+            ax.axhline(100 * statistics.median(accuracy["sliding"][pairs]), color=f"C{i}", linestyle=":", alpha=0.7)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(dims + [head_dim], [str(r) for r in dims] + [f"{head_dim}\n(full)"])
+        ax.minorticks_off()
+        ax.set(title=title, xlabel="far dimension")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy beyond the window, %")
+    axes[0].legend(title="dotted: sliding window")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 QUICK = dict(n_layer=2, n_head=4, n_embd=64, block_size=128, window=16, far_dim=4, batch_size=8,
              max_iters=300, eval_interval=50, warmup_iters=20, finetune_iters=50)
+CAPACITY_QUICK = dict(pairs=[4, 16], dims=[2, 8], tied_dims=[4], seeds=1)
 RECALL_QUICK = dict(block_size=64, window=8, max_iters=600, eval_interval=200, train_seqs=5000, val_seqs=200,
                     sweep_pairs=[4, 8])
 
@@ -428,15 +517,17 @@ def main(argv=None):
     sub = p.add_subparsers(dest="command", required=True)
     d = "(default: %(default)s)"
     for name, size in (("speed", (4, 4, 128, 16, 64, 8)), ("decode", (4, 4, 256, None, 128, 16)),
-                       ("quality", (4, 4, 128, 8, 32, 0)), ("recall", (2, 2, 64, 32, 16, 0))):
+                       ("quality", (4, 4, 128, 8, 32, 0)), ("recall", (2, 2, 64, 32, 16, 0)),
+                       ("capacity", (1, 2, 64, 32, 12, None))):
         s = sub.add_parser(name, help=globals()[f"bench_{name}"].__doc__)
         for flag, default in zip(("n_layer", "n_head", "n_embd", "batch_size", "window", "far_dim"), size):
-            if default is not None:   # decode has --batch_sizes instead
+            if default is not None:   # decode has --batch_sizes, capacity --dims instead
                 s.add_argument(f"--{flag}", type=int, default=default, help=d)
         s.add_argument("--device", default="auto", help=d)
         s.add_argument("--out_dir", default="bench_out", help=d)
         s.add_argument("--vocab_size", type=int, default=65, help="random tokens' vocabulary " + d)
-    speed, decode, quality, recall = (sub.choices[n] for n in ("speed", "decode", "quality", "recall"))
+    speed, decode, quality, recall, capacity = (sub.choices[n] for n in ("speed", "decode", "quality", "recall",
+                                                                           "capacity"))
     speed.add_argument("--block_size", type=int, default=256, help=d)
     speed.add_argument("--repeats", type=int, default=7, help=d)
     speed.add_argument("--warmup", type=int, default=2, help=d)
@@ -452,13 +543,14 @@ def main(argv=None):
     decode.add_argument("--sample_tokens", type=int, default=256, help=d)
     decode.add_argument("--sample_prompt", type=int, default=256, help="prompt tokens " + d)
     decode.add_argument("--sample_repeats", type=int, default=3, help=d)
-    for s, (block, iters, interval, lr, wd) in ((quality, (256, 1500, 250, 1e-3, 0.1)),
-                                                 (recall, (128, 1500, 500, 3e-3, 0.1))):
+    for s, (block, iters, interval, warmup, lr, wd) in ((quality, (256, 1500, 250, 100, 1e-3, 0.1)),
+                                                         (recall, (128, 1500, 500, 100, 3e-3, 0.1)),
+                                                         (capacity, (96, 500, 250, 50, 3e-3, 0.1))):
         s.add_argument("--block_size", type=int, default=block, help=d)
         s.add_argument("--max_iters", type=int, default=iters, help=d)
         s.add_argument("--eval_interval", type=int, default=interval, help=d)
         s.add_argument("--eval_iters", type=int, default=20, help=d)
-        s.add_argument("--warmup_iters", type=int, default=100, help=d)
+        s.add_argument("--warmup_iters", type=int, default=warmup, help=d)
         s.add_argument("--learning_rate", type=float, default=lr, help=d)
         s.add_argument("--weight_decay", type=float, default=wd, help=d)
         s.add_argument("--log_interval", type=int, default=50, help=d)
@@ -472,14 +564,21 @@ def main(argv=None):
     recall.add_argument("--sweep_pairs", type=int, nargs="+", default=[4, 8, 16], help=d)
     recall.add_argument("--sweep_regimes", nargs="+", default=["full", "dar hd/8"], help=d,
                         choices=["full", "dar hd/4", "dar hd/8", "uniform hd/4", "thin_keys", "sliding"])
-    recall.add_argument("--kv_shift", action=argparse.BooleanOptionalAction, default=True,
-                        help="in every regime: one layer can then match a key and copy the token after it; "
-                             "without it this size did not learn recall in 2000 iterations " + d)
-    recall.add_argument("--train_seqs", type=int, default=20000, help=d)
-    recall.add_argument("--val_seqs", type=int, default=500, help=d)
+    for s, val_seqs in ((recall, 500), (capacity, 200)):
+        s.add_argument("--kv_shift", action=argparse.BooleanOptionalAction, default=True,
+                       help="in every regime: one layer can then match a key and copy the token after it; "
+                            "without it this size did not learn recall in 2000 iterations " + d)
+        s.add_argument("--train_seqs", type=int, default=20000, help=d)
+        s.add_argument("--val_seqs", type=int, default=val_seqs, help=d)
     recall.add_argument("--quick", action="store_true", help=f"a small run in minutes: {RECALL_QUICK}")
+    capacity.add_argument("--pairs", type=int, nargs="+", default=[2, 4, 8, 16], help=d)
+    capacity.add_argument("--dims", type=int, nargs="+", default=[1, 2, 4, 8, 16],
+                          help="far_k_dim (values full) and far_v_dim (keys full) " + d)
+    capacity.add_argument("--tied_dims", type=int, nargs="+", default=[2, 4, 8], help="far_k_dim = far_v_dim " + d)
+    capacity.add_argument("--seeds", type=int, default=3, help="runs per cell, seeds --seed, --seed + 1, ... " + d)
+    capacity.add_argument("--quick", action="store_true", help=f"one seed, a subset, in minutes: {CAPACITY_QUICK}")
     args = p.parse_args(argv)
-    if args.far_dim == 0 and args.command in ("speed", "decode"):
+    if args.command in ("speed", "decode") and args.far_dim == 0:
         p.error("--far_dim must be > 0")   # quality: 0 means head_dim / 4; recall sets its own
     globals()[f"bench_{args.command}"](args)
 

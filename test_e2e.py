@@ -425,9 +425,11 @@ def test_recall_accuracy_by_bucket_is_exact():
     answers = np.array([[0, 1, 0, 3, 0, 5],
                         [0, 0, 0, 2, 0, 0]])
     accuracy = bench.recall_accuracy(lambda x: torch.full_like(x, 7), tokens, answers, 6, window=2)
-    assert accuracy == {"all": (0.75, 4), "inside window": (1.0, 1), "1-2x window": (0.5, 2), "farther": (1.0, 1)}
+    assert accuracy == {"all": (0.75, 4), "inside window": (1.0, 1), "1-2x window": (0.5, 2), "farther": (1.0, 1),
+                        "beyond window": (2 / 3, 3)}
     perfect = bench.recall_accuracy(lambda x: torch.from_numpy(tokens[:len(x), 1:]), tokens, answers, 6, window=10)
-    assert perfect == {"all": (1.0, 4), "inside window": (1.0, 4), "1-2x window": (None, 0), "farther": (None, 0)}
+    assert perfect == {"all": (1.0, 4), "inside window": (1.0, 4), "1-2x window": (None, 0), "farther": (None, 0),
+                       "beyond window": (None, 0)}
 
 
 def test_bench_recall_smoke(tmp_path):
@@ -443,9 +445,47 @@ def test_bench_recall_smoke(tmp_path):
     assert result["sweep"]["full"]["2"] == result["accuracy"]["full"]   # pairs == --pairs: the table's run
     sweep = [accuracy for by_pairs in result["sweep"].values() for accuracy in by_pairs.values()]
     for accuracy in list(result["accuracy"].values()) + sweep:
-        assert set(accuracy) == {"all", "inside window", "1-2x window", "farther"}
+        assert set(accuracy) == {"all", "inside window", "1-2x window", "farther", "beyond window"}
         assert accuracy["all"][1] == sum(accuracy[b][1] for b in ("inside window", "1-2x window", "farther"))
+        assert accuracy["beyond window"][1] == accuracy["all"][1] - accuracy["inside window"][1]
     assert len(table_rows(r.stdout)) == 6 + 2 * 2   # the regimes, then each (pairs, sweep regime)
+
+
+def test_bench_capacity_smoke(tmp_path, monkeypatch):
+    """The grid's shape, one accuracy per seed, beyond-window answers only, and every cell
+    marked as the budget's limit when full attention has not learnt (2 iterations)."""
+    beyond = []
+    recall_accuracy = bench.recall_accuracy
+    def spy(*a, **kw):
+        result = recall_accuracy(*a, **kw)
+        beyond.append(result["beyond window"][0])
+        return result
+    monkeypatch.setattr(bench, "recall_accuracy", spy)
+    r = call(bench.main, "capacity", "--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--window", "4",
+             "--block_size", "32", "--batch_size", "4", "--max_iters", "2", "--eval_interval", "2", "--eval_iters", "1",
+             "--warmup_iters", "1", "--pairs", "2", "3", "--dims", "1", "4", "--tied_dims", "2", "--seeds", "2",
+             "--train_seqs", "20", "--val_seqs", "4", "--device", "cpu", "--out_dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    result = json.load(open(tmp_path / "capacity.json"))
+    names = ["full", "sliding", "keys 1", "keys 4", "values 1", "values 4", "tied 2"]
+    assert list(result["cells"]) == names and result["seeds"] == [1337, 1338]
+    assert result["cells"]["keys 1"] == [4, 1, 8] and result["cells"]["values 4"] == [4, 8, 4]
+    assert all(list(result["accuracy"][n]) == ["2", "3"] and all(len(a) == 2 for a in result["accuracy"][n].values())
+               for n in names)
+    recorded = [a for n in names for pairs in ("2", "3") for a in result["accuracy"][n][pairs]]
+    assert sorted(recorded) == sorted(beyond) and len(beyond) == 7 * 2 * 2   # what the grid holds: beyond window
+    assert result["learnt"] == {"2": False, "3": False}
+    assert all(row.count("budget") == 2 for row in table_rows(r.stdout)[:7])
+    assert result["smallest"]["keys"] == {"2": "budget", "3": "budget"}
+    assert (tmp_path / "capacity.png").exists() or "matplotlib is not installed" in r.stdout
+
+
+def test_smallest_far_dimension_against_full_attention():
+    accuracy = {"full": {8: [1.0, 0.98, 1.0]}, "keys 1": {8: [0.5, 0.6, 0.4]}, "keys 2": {8: [0.95, 0.7, 0.91]},
+                "keys 4": {8: [1.0, 1.0, 1.0]}, "values 1": {8: [0.1, 0.1, 0.1]}}
+    assert bench.smallest_dim(accuracy, "keys", 8, learnt=True) == "2"   # median 0.91 >= 0.9 * 1.0
+    assert bench.smallest_dim(accuracy, "values", 8, learnt=True) == "> 1"
+    assert bench.smallest_dim(accuracy, "keys", 8, learnt=False) == "budget"
 
 
 def index_reachable():
