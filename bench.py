@@ -9,9 +9,12 @@ table and writes its raw numbers as JSON to --out_dir.
                               a trained full model converted (SVD or PCA), zero-shot and fine-tuned
     python bench.py recall    associative recall accuracy by distance, per regime and as the
                               number of key-value pairs grows (data/recall.py)
+    python bench.py capacity  recall beyond the window as far keys, far values or both shrink,
+                              over numbers of pairs and seeds: how many far dimensions a fact needs
 
-Sizes are flags, so the same commands scale up on a GPU; `quality --quick` and `recall --quick`
-run in minutes.
+Sizes are flags, so the same commands scale up on a GPU; `--quick` runs quality, recall and
+capacity in minutes. With matplotlib installed (an optional extra) decode, quality and
+capacity also draw their pictures into --out_dir.
 Times are medians of several runs after warm-up, the variants alternated in one process.
 """
 
