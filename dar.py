@@ -249,7 +249,7 @@ class LayerCache:
             self.far_v[:, :, start:start + v.size(2)] = v[..., :self.far_v_dim]
 
 
-def nbytes(tensors):
+def tensor_bytes(tensors):
     return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
 
 
@@ -289,18 +289,18 @@ class KVCache:
     def tier_nbytes(self):
         """(local, far) bytes of the keys and values held."""
         held = [layer.held() for layer in self.layers]
-        return sum(nbytes(h[:2]) for h in held), sum(nbytes(h[2:]) for h in held)
+        return sum(tensor_bytes(h[:2]) for h in held), sum(tensor_bytes(h[2:]) for h in held)
 
     @property
     def nbytes(self):
         """Bytes held: DESIGN.md's formula at the current length (plus, with kv_shift, one
         raw key and value per head)."""
-        return sum(self.tier_nbytes()) + sum(nbytes((l.last_k, l.last_v)) for l in self.layers)
+        return sum(self.tier_nbytes()) + sum(tensor_bytes((l.last_k, l.last_v)) for l in self.layers)
 
     @property
     def allocated_nbytes(self):
         """Bytes of every tensor the cache holds: the formula at block_size (plus kv_shift's)."""
-        return sum(nbytes(vars(layer).values()) for layer in self.layers)
+        return sum(tensor_bytes(vars(layer).values()) for layer in self.layers)
 
     @property
     def full_nbytes(self):
