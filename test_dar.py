@@ -38,6 +38,26 @@ def naive_dar_attention(q, k, v, window, far_k_dim, far_v_dim):
     return out
 
 
+def slice_attention(q, k, v, window, far_k_dim, far_v_dim, block=None):
+    return dar.dar_attention(q, k, v, *dar.far_slice(k, v, far_k_dim, far_v_dim), window, block=block)
+
+
+def naive_two_tier_attention(q, k, v, far_k, far_v, window):
+    """The same formula with the far keys and values given per token (latent mode: the
+    layer's projections of far_up(far_down(x)))."""
+    B, H, T, d = q.shape
+    out = torch.zeros_like(q)
+    for i in range(T):
+        scores, values = [], []
+        for j in range(i + 1):
+            key, value = (k, v) if i - j < window else (far_k, far_v)
+            scores.append((q[:, :, i] * key[:, :, j]).sum(-1))
+            values.append(value[:, :, j])
+        a = torch.softmax(torch.stack(scores, -1) / math.sqrt(d), dim=-1)
+        out[:, :, i] = (a.unsqueeze(-1) * torch.stack(values, -2)).sum(-2)
+    return out
+
+
 def naive_shift(x, now, prev):
     out = torch.zeros_like(x)
     for t in range(x.size(2)):
@@ -66,6 +86,10 @@ def nanogpt_state_dict(cfg, std=0.3, seed=0):
         if "ln_" in k and k.endswith(".weight"):
             sd[k] = 1 + sd[k]
     sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    for l in range(cfg.n_layer) if cfg.far_mode == "latent" else []:
+        r, p = cfg.far_latent_dim, f"transformer.h.{l}.attn."
+        sd[p + "far_down.weight"] = torch.randn(r, C, generator=g) / math.sqrt(C)
+        sd[p + "far_up.weight"] = torch.randn(C, r, generator=g) / math.sqrt(r)
     return sd
 
 
@@ -78,11 +102,18 @@ def naive_gpt(sd, cfg, idx):
         p = f"transformer.h.{l}."
         lin = lambda x, name: F.linear(x, sd[p + name + ".weight"], sd.get(p + name + ".bias"))
         ln = lambda x, name: F.layer_norm(x, (C,), sd[p + name + ".weight"], sd.get(p + name + ".bias"))
-        q, k, v = (t.view(B, T, H, d).transpose(1, 2) for t in lin(ln(x, "ln_1"), "attn.c_attn").split(C, 2))
+        heads = lambda t: t.view(B, T, H, d).transpose(1, 2)
+        x_in = ln(x, "ln_1")
+        q, k, v = (heads(t) for t in lin(x_in, "attn.c_attn").split(C, 2))
         if cfg.kv_shift:
             k = naive_shift(k, sd[p + "attn.k_shift_now"], sd[p + "attn.k_shift_prev"])
             v = naive_shift(v, sd[p + "attn.v_shift_now"], sd[p + "attn.v_shift_prev"])
-        y = naive_dar_attention(q, k, v, cfg.window, cfg.far_k_dim, cfg.far_v_dim)
+        if cfg.far_mode == "latent":
+            x_far = x_in @ sd[p + "attn.far_down.weight"].T @ sd[p + "attn.far_up.weight"].T
+            _, far_k, far_v = (heads(t) for t in lin(x_far, "attn.c_attn").split(C, 2))
+            y = naive_two_tier_attention(q, k, v, far_k, far_v, cfg.window)
+        else:
+            y = naive_dar_attention(q, k, v, cfg.window, cfg.far_k_dim, cfg.far_v_dim)
         x = x + lin(y.transpose(1, 2).reshape(B, T, C), "attn.c_proj")
         x = x + lin(F.gelu(lin(ln(x, "ln_2"), "mlp.c_fc")), "mlp.c_proj")
     x = F.layer_norm(x, (C,), sd["transformer.ln_f.weight"], sd.get("transformer.ln_f.bias"))
@@ -135,7 +166,7 @@ def test_attention_matches_naive(name, block):
     window, far_k_dim, far_v_dim = {"window_T-1": (T - 1, 2, 3), "window_T": (T, 2, 3)}.get(name) or REGIMES[name]
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(2, 3, T, 8, generator=g) for _ in range(3))
-    got = dar.dar_attention(q, k, v, window, far_k_dim, far_v_dim, block=block)
+    got = slice_attention(q, k, v, window, far_k_dim, far_v_dim, block=block)
     want = naive_dar_attention(q, k, v, window, far_k_dim, far_v_dim)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
@@ -146,14 +177,14 @@ def test_full_far_dims_is_full_attention(window):
     q, k, v = (torch.randn(1, 2, 10, 8, generator=g) for _ in range(3))
     scores = (q @ k.transpose(-2, -1) / math.sqrt(8)).masked_fill(torch.ones(10, 10).triu(1).bool(), -math.inf)
     want = torch.softmax(scores, -1) @ v
-    torch.testing.assert_close(dar.dar_attention(q, k, v, window, 8, 8), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(slice_attention(q, k, v, window, 8, 8), want, atol=1e-5, rtol=1e-5)
 
 
 def test_regimes_differ():
     """The oracle comparisons mean something only if the regimes compute different things."""
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 2, 12, 8, generator=g) for _ in range(3))
-    outs = [dar.dar_attention(q, k, v, *r) for r in [(3, 2, 2), (0, 2, 2), (3, 0, 0), (12, 8, 8)]]
+    outs = [slice_attention(q, k, v, *r) for r in [(3, 2, 2), (0, 2, 2), (3, 0, 0), (12, 8, 8)]]
     for i in range(len(outs)):
         for j in range(i):
             assert (outs[i] - outs[j]).abs().max() > 1e-2
@@ -502,3 +533,146 @@ def test_default_config_is_dar():
     cfg = dar.GPTConfig()
     assert (cfg.window, cfg.far_k_dim, cfg.far_v_dim) == (64, cfg.head_dim // 4, cfg.head_dim // 4)
     assert not cfg.is_full
+
+
+# ----------------------------------------------------------------------------------------
+# The latent far tier (far_mode="latent")
+
+def make_latent_model(window, r=6, bias=True, seed=0, **kw):
+    return make_model(seed=seed, window=window, far_mode="latent", far_latent_dim=r, bias=bias, **kw)
+
+
+@pytest.mark.parametrize("window", [0, 1, 3, 10, 11, 32])   # T = 11: W < T, W = T - 1, W >= T
+@pytest.mark.parametrize("bias", [True, False])
+def test_latent_model_matches_naive_gpt(window, bias):
+    model, sd = make_latent_model(window, bias=bias)
+    assert set(model.state_dict()) == set(sd)
+    idx = torch.randint(0, 13, (2, 11), generator=torch.Generator().manual_seed(4))
+    want = naive_gpt(sd, model.config, idx)
+    torch.testing.assert_close(model(idx, targets=idx)[0], want, atol=1e-4, rtol=1e-4)
+
+
+def test_latent_bottleneck_changes_distant_tokens_only():
+    """The oracle comparison means something only if the bottleneck matters: beyond the
+    window it does, and a window covering the context is plain attention."""
+    idx = torch.randint(0, 13, (2, 11), generator=torch.Generator().manual_seed(4))
+    logits = {w: make_latent_model(w)[0](idx, targets=idx)[0] for w in (3, 11)}
+    slice_full, _ = make_model(window=3, far_k_dim=8, far_v_dim=8)
+    want = slice_full(idx, targets=idx)[0]   # the same weights at full attention
+    torch.testing.assert_close(logits[11], want, atol=1e-5, rtol=1e-5)
+    assert (logits[3][:, 3:] - want[:, 3:]).abs().max() > 1e-2
+    torch.testing.assert_close(logits[3][:, :3], want[:, :3], atol=1e-5, rtol=1e-5)
+
+
+def test_latent_trains_its_bottleneck():
+    model, _ = make_latent_model(3)
+    model.train()
+    idx = torch.randint(0, 13, (2, 16))
+    model(idx, targets=idx)[1].backward()
+    attn = model.transformer.h[0].attn
+    assert attn.far_down.weight.grad.abs().max() > 0 and attn.far_up.weight.grad.abs().max() > 0
+
+
+def test_latent_starts_as_an_orthogonal_projection():
+    cfg = dar.GPTConfig(n_embd=32, n_head=2, far_mode="latent", far_latent_dim=8)
+    attn = dar.GPT(cfg).transformer.h[0].attn
+    projection = attn.far_up.weight @ attn.far_down.weight
+    torch.testing.assert_close(projection @ projection, projection, atol=1e-5, rtol=1e-5)
+    assert torch.linalg.matrix_rank(projection) == 8
+
+
+@pytest.mark.parametrize("window", [0, 1, 3, 32])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("prompt_len", [2, 3, 7])
+def test_latent_cache_matches_uncached(window, bias, prompt_len):
+    model, _ = make_latent_model(window, bias=bias)
+    idx = torch.randint(0, 13, (2, 20), generator=torch.Generator().manual_seed(8))
+    want = all_logits(model, idx)
+    cache = model.new_cache(2)
+    got = [model(idx[:, :prompt_len], cache=cache)[0]]
+    for t in range(prompt_len, 14):        # one token at a time, across the tier boundary
+        got.append(model(idx[:, t:t + 1], cache=cache)[0])
+    got.append(model(idx[:, 14:20], cache=cache)[0])   # a chunk after a non-empty cache
+    want = torch.cat([want[:, prompt_len - 1:14], want[:, 19:]], dim=1)
+    torch.testing.assert_close(torch.cat(got, dim=1), want, atol=1e-5, rtol=1e-5)
+
+
+def latent_formula_nbytes(cfg, B, T, element_size=4):
+    """The ring's full keys and values, and one latent per token seen (README.md: a latent
+    is kept from the token's arrival), nothing else."""
+    latents = T * cfg.far_latent_dim if cfg.window < cfg.block_size else 0
+    return cfg.n_layer * B * (cfg.n_head * min(T, cfg.window) * 2 * cfg.head_dim + latents) * element_size
+
+
+@pytest.mark.parametrize("window", [0, 3, 32])
+def test_latent_cache_nbytes_is_its_formula_and_holds_no_far_key(window):
+    model, _ = make_latent_model(window)
+    cfg, B = model.config, 2
+    idx = torch.randint(0, 13, (B, 32))
+    cache = model.new_cache(B)
+    model(idx[:, :5], cache=cache)
+    for t in range(5, 32):
+        T = cache.length
+        assert cache.nbytes == latent_formula_nbytes(cfg, B, T)
+        assert cache.allocated_nbytes == storage_nbytes(cache) == latent_formula_nbytes(cfg, B, cfg.block_size)
+        model(idx[:, t:t + 1], cache=cache)
+    for layer in cache.layers:   # full-dimension keys and values only in the ring
+        for name, tensor in vars(layer).items():
+            if torch.is_tensor(tensor) and tensor.size(-1) == cfg.head_dim:
+                assert name in ("local_k", "local_v") and tensor.size(2) == min(window, cfg.block_size)
+        assert window >= cfg.block_size or layer.latents.shape == (B, cfg.block_size, cfg.far_latent_dim)
+
+
+def test_latent_generates_with_copied_rows_like_the_uncached_path():
+    model, _ = make_latent_model(3, block_size=16)
+    prompt = torch.randint(0, 13, (2, 5), generator=torch.Generator().manual_seed(4))
+    out = {}
+    for use_cache in (True, False):
+        torch.manual_seed(0)
+        out[use_cache] = model.generate(prompt, 11, temperature=1.0, use_cache=use_cache, num_samples=3)
+    assert torch.equal(out[True], out[False])
+    # greedy past block_size (the cache is prefilled again, the maps taken again)
+    assert torch.equal(model.generate(prompt, 30, top_k=1, num_samples=3),
+                       model.generate(prompt, 30, top_k=1).repeat_interleave(3, 0))
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_latent_convert_is_exact_at_full_width(calibrated, bias):
+    model, _ = make_model(window=32, far_k_dim=8, far_v_dim=8, bias=bias)
+    calibration = torch.randint(0, 13, (4, 32), generator=torch.Generator().manual_seed(12)) if calibrated else None
+    converted = dar.convert(model, 3, calibration=calibration, far_mode="latent", far_latent_dim=16)
+    assert converted.config.far_mode == "latent" and converted.config.window == 3
+    idx = torch.randint(0, 13, (2, 32), generator=torch.Generator().manual_seed(13))
+    torch.testing.assert_close(converted(idx, targets=idx)[0], model(idx, targets=idx)[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_latent_convert_error_falls_as_the_bottleneck_widens(calibrated):
+    model, _ = make_model(window=32, far_k_dim=8, far_v_dim=8, bias=False)
+    idx = torch.randint(0, 13, (4, 32), generator=torch.Generator().manual_seed(11))
+    want = model(idx, targets=idx)[0]
+    calibration = idx if calibrated else None
+    errors = [(dar.convert(model, 2, calibration=calibration, far_mode="latent", far_latent_dim=r)(idx, targets=idx)[0]
+               - want).pow(2).mean().item() for r in (2, 4, 8, 12, 16)]
+    assert all(a > b for a, b in zip(errors, errors[1:])) and errors[-1] < 1e-8
+
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(far_mode="bottleneck"), "far_mode"),
+    (dict(far_latent_dim=8), "far_latent_dim"),   # slice mode
+    (dict(far_mode="latent", far_k_dim=4), "far_k_dim"),
+    (dict(far_mode="latent", far_v_dim=4), "far_v_dim"),
+    (dict(far_mode="latent", far_latent_dim=0), "far_latent_dim"),
+    (dict(far_mode="latent", far_latent_dim=129), "far_latent_dim"),
+    (dict(far_mode="latent", kv_shift=True), "kv_shift"),
+])
+def test_invalid_far_mode_settings_raise(kw, field):
+    with pytest.raises(ValueError, match=field):
+        dar.GPTConfig(**kw)
+
+
+def test_latent_defaults_to_a_quarter_of_n_embd():
+    cfg = dar.GPTConfig(far_mode="latent")
+    assert cfg.far_latent_dim == cfg.n_embd // 4 and cfg.far_k_dim is None and not cfg.is_full
+    assert dar.GPTConfig(far_mode="latent", window=cfg.block_size).is_full
