@@ -185,6 +185,37 @@ def test_convert_ours_and_nanogpt_then_fine_tune(corpus, tmp_path):
     assert abs(zero_shot - ours["val_loss"]) < 2e-4
 
 
+def test_latent_far_mode_trains_samples_and_converts(corpus, tmp_path):
+    _, _, dataset = corpus
+    i = TINY.index("--far_k_dim")   # TINY without the slice's far dims
+    latent = TINY[:i] + TINY[i + 4:] + ["--far_mode", "latent", "--far_latent_dim", "4"]
+    out = tmp_path / "latent"
+    r = call(train.main, "--dataset", dataset, "--out_dir", str(out), "--max_iters", "10", "--eval_interval", "10",
+             *latent)
+    assert r.returncode == 0 and "far_mode latent, far_latent_dim 4" in r.stdout, r.stderr
+    ckpt = torch.load(out / "ckpt_last.pt", weights_only=True)
+    assert (ckpt["model_config"]["far_mode"], ckpt["model_config"]["far_latent_dim"]) == ("latent", 4)
+    assert ckpt["model"]["transformer.h.0.attn.far_down.weight"].shape == (4, 16)
+    args = ["--out_dir", str(out), "--prompt", "ROMEO:\n", "--top_k", "1", "--max_new_tokens", "40"]
+    cached, plain = call(sample.main, *args), call(sample.main, *args, "--no_cache")
+    assert cached.stdout == plain.stdout and cached.stdout.startswith("ROMEO:\n")   # past window and block_size
+    # a full model converted to a latent far tier at full width starts where the full model is
+    full = ["--window", "32", "--far_k_dim", "8", "--far_v_dim", "8"]
+    call(train.main, "--dataset", dataset, "--out_dir", str(tmp_path / "full"), "--max_iters", "10",
+         "--eval_interval", "10", *TINY, *full)
+    source = torch.load(tmp_path / "full" / "ckpt_last.pt", weights_only=True)
+    r0 = call(train.main, "--dataset", dataset, "--out_dir", str(tmp_path / "zero"), "--init_from", "convert",
+              "--convert_from", str(tmp_path / "full" / "ckpt_last.pt"), "--max_iters", "0", "--calibration_seqs", "4",
+              *latent[:-1], "16")
+    zero_shot = float(r0.stdout.split("eval 0: ")[1].split("val loss ")[1].split()[0])
+    assert abs(zero_shot - source["val_loss"]) < 2e-4
+    fails_cleanly(call(train.main, "--dataset", dataset, *latent, "--far_k_dim", "2"),
+                  "--far_k_dim does not apply to --far_mode latent")
+    fails_cleanly(call(train.main, "--dataset", dataset, *TINY, "--far_latent_dim", "2"),
+                  "--far_latent_dim does not apply to --far_mode slice")
+    fails_cleanly(call(train.main, "--dataset", dataset, *latent[:-1], "17"), "far_latent_dim=17")
+
+
 def test_convert_has_a_fine_tune_schedule_that_flags_override():
     cfg = train.settings({"init_from": "convert", "learning_rate": 5e-4}, "cpu")
     assert (cfg.learning_rate, cfg.min_lr, cfg.warmup_iters) == (5e-4, train.CONVERT_DEFAULTS["min_lr"], 0)

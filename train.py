@@ -5,6 +5,7 @@ nanoGPT's baby Shakespeare on a CUDA GPU), and print a sample from the best chec
 
     python train.py
     python train.py --dataset mine_char --window 32 --far_k_dim 4 --far_v_dim 4
+    python train.py --far_mode latent --far_latent_dim 32   # the far tier as a learned bottleneck
     python train.py --init_from resume                  # after an interruption
     python train.py --init_from convert --convert_from full/ckpt_best.pt --max_iters 200
     torchrun --standalone --nproc_per_node=2 train.py   # DDP: nccl on CUDA, gloo on CPU
@@ -55,6 +56,9 @@ class TrainConfig:
     far_k_dim: int = 8               # key coordinates kept beyond the window
     far_v_dim: int = 8               # value coordinates kept beyond the window
     kv_shift: bool = False
+    far_mode: str = "slice"          # what a distant token keeps: slice (far_k_dim, far_v_dim
+                                     # leading coordinates) or latent (a learned bottleneck)
+    far_latent_dim: int = 0          # latent: the bottleneck width r; 0: n_embd // 4
     # optimisation
     batch_size: int = 12
     gradient_accumulation_steps: int = 1
@@ -105,7 +109,8 @@ def parse_args(argv):
         else:
             p.add_argument(f"--{f.name}", type=f.type, help=help, metavar=f.type.__name__.upper(),
                            choices={"init_from": ["scratch", "resume", "convert"],
-                                    "dtype": ["auto", "float32", "bfloat16", "float16"]}.get(f.name))
+                                    "dtype": ["auto", "float32", "bfloat16", "float16"],
+                                    "far_mode": ["slice", "latent"]}.get(f.name))
     return vars(p.parse_args(argv))
 
 
@@ -126,7 +131,18 @@ def settings(given, device, resumed=None):
             raise ValueError(f"{name}={getattr(cfg, name)} must be at least 1")
     if cfg.max_iters < 0 or cfg.learning_rate <= 0 or cfg.min_lr < 0:
         raise ValueError("max_iters must be >= 0, learning_rate > 0 and min_lr >= 0")
+    other_mode = ("far_k_dim", "far_v_dim") if cfg.far_mode == "latent" else ("far_latent_dim",)
+    for name in other_mode:
+        if name in given:
+            raise ValueError(f"--{name} does not apply to --far_mode {cfg.far_mode}")
     return cfg
+
+
+def far_settings(cfg):
+    """The GPTConfig fields of the chosen far mode."""
+    if cfg.far_mode == "latent":
+        return dict(far_mode="latent", far_latent_dim=cfg.far_latent_dim or None)
+    return dict(far_k_dim=cfg.far_k_dim, far_v_dim=cfg.far_v_dim)
 
 
 # ----------------------------------------------------------------------------------------
@@ -248,10 +264,10 @@ def build_model(cfg, data, tokenizer, device, resumed):
         if cfg.calibration_seqs > 0:
             sizes = dataclasses.replace(cfg, batch_size=cfg.calibration_seqs, block_size=full.config.block_size)
             calibration = get_batch(data, "train", sizes, np.random.default_rng([cfg.seed, 1 << 31]), device)[0]
-        return dar.convert(full, cfg.window, cfg.far_k_dim, cfg.far_v_dim, calibration).train()
-    config = dar.GPTConfig(vocab_size=tokenizer.vocab_size, **{
+        return dar.convert(full, cfg.window, calibration=calibration, **far_settings(cfg)).train()
+    config = dar.GPTConfig(vocab_size=tokenizer.vocab_size, **far_settings(cfg), **{
         f: getattr(cfg, f) for f in ("n_layer", "n_head", "n_embd", "block_size", "dropout",
-                                     "bias", "window", "far_k_dim", "far_v_dim", "kv_shift")})
+                                     "bias", "window", "kv_shift")})
     return dar.GPT(config).to(device)
 
 
@@ -419,10 +435,11 @@ def main(argv=None):
         if cfg.init_from != "resume" and os.path.exists(log):
             os.remove(log)   # a new run, a new curve
         c = model.config
+        far = (f"far_mode latent, far_latent_dim {c.far_latent_dim}" if c.far_mode == "latent"
+               else f"far_k_dim {c.far_k_dim}, far_v_dim {c.far_v_dim}")
         print(f"device {device}, {dtype}; {model.get_num_params() / 1e6:.2f}M parameters; "
               f"n_layer {c.n_layer}, n_head {c.n_head}, n_embd {c.n_embd}, block_size {c.block_size}; "
-              f"window {c.window}, far_k_dim {c.far_k_dim}, far_v_dim {c.far_v_dim}, "
-              f"kv_shift {c.kv_shift}; from iter {state['iter_num']}", flush=True)
+              f"window {c.window}, {far}, kv_shift {c.kv_shift}; from iter {state['iter_num']}", flush=True)
     try:
         train(model, optimizer, data, cfg, tokenizer, state, device, ctx, dtype, ddp)
     except FloatingPointError as e:
