@@ -86,8 +86,6 @@ class GPTConfig:
             self.far_latent_dim = max(1, self.n_embd // 4)
         if not 1 <= self.far_latent_dim <= self.n_embd:
             raise ValueError(f"far_latent_dim={self.far_latent_dim} must be in [1, n_embd={self.n_embd}]")
-        if self.kv_shift:   # see README: the cache would have to shift scores across latents
-            raise ValueError("kv_shift is not supported with far_mode='latent'")
 
     @property
     def head_dim(self):
@@ -214,11 +212,19 @@ class LatentFar:
     one for all heads. Head h's far key is W_K far_up c + b_K (W_K, b_K: the head's rows of
     c_attn), so q . k = (q W_K far_up) . c + q . b_K: the query moves into the latent space
     and far keys are never rebuilt. Likewise the weighted far values are
-    W_V far_up (sum_j a_j c_j) + (sum_j a_j) b_V. `maps` come from absorbed_maps."""
+    W_V far_up (sum_j a_j c_j) + (sum_j a_j) b_V. `maps` come from absorbed_maps.
+    With kv_shift, far key j is now * far_k_j + prev * far_k_{j-1}, so its score mixes the
+    scores of j and j - 1, and far value j's weight moves partly onto j - 1."""
 
     def __init__(self, latents, maps):
         self.latents = latents
-        self.key_map, self.key_bias, self.value_map, self.value_bias = maps
+        self.key_map, self.key_bias, self.value_map, self.value_bias, self.shift = maps
+
+    def mix(self, now, prev, t, back):
+        """now * t + prev * t moved one far token back (back=True: t_{j-1}, 0 at j = 0) or
+        on (t_{j+1}, 0 at the last), per head; t: (B * H, n, n_far)."""
+        now, prev = (w.repeat(self.latents.size(0)).view(-1, 1, 1) for w in (now, prev))
+        return now * t + prev * (F.pad(t[..., :-1], (1, 0)) if back else F.pad(t[..., 1:], (0, 1)))
 
     def scores(self, q):   # q: (B * H, n, d) -> (B * H, n, n_far)
         B, n = self.latents.size(0), q.size(1)
@@ -227,9 +233,11 @@ class LatentFar:
         scores = torch.bmm(q_latent, self.latents.mT).view(B * q.size(1), n, self.latents.size(1))
         if self.key_bias is not None:
             scores = scores + (q * self.key_bias.unsqueeze(1)).sum(-1, keepdim=True).flatten(0, 1)
-        return scores
+        return scores if self.shift is None else self.mix(*self.shift[:2], scores, back=True)
 
     def add_output(self, y, att):
+        if self.shift is not None:   # sum_j a_j (now v_j + prev v_{j-1}) = sum_j (now a_j + prev a_{j+1}) v_j
+            att = self.mix(*self.shift[2:], att, back=False)
         B, n = self.latents.size(0), att.size(1)
         summed = torch.bmm(att.reshape(B, att.size(0) // B * n, att.size(2)), self.latents)   # (B, H * n, r)
         y += (summed.unflatten(1, (-1, n)) @ self.value_map.mT).flatten(0, 1)
@@ -492,15 +500,21 @@ class CausalSelfAttention(nn.Module):
         x_far = self.far_up(self.far_down(x))
         C = self.n_embd   # the layer's own key and value projections, bias included
         far = F.linear(x_far, self.c_attn.weight[C:], None if self.c_attn.bias is None else self.c_attn.bias[C:])
-        return tuple(self.heads(t) for t in far.split(C, dim=2))
+        far_k, far_v = (self.heads(t) for t in far.split(C, dim=2))
+        return self.shift(far_k, far_v) if self.kv_shift else (far_k, far_v)
+
+    def shift(self, k, v, last_k=None, last_v=None):
+        return (kv_shift(k, last_k, self.k_shift_now, self.k_shift_prev),
+                kv_shift(v, last_v, self.v_shift_now, self.v_shift_prev))
 
     def absorbed_maps(self):
-        """Latent cache: per head, W_K far_up and W_V far_up (n_head, head_dim, r), and the
-        key and value biases (n_head, head_dim) or None (LatentFar reads them)."""
+        """Latent cache: per head, W_K far_up and W_V far_up (n_head, head_dim, r), the key
+        and value biases (n_head, head_dim) or None, the kv_shift mixes or None."""
         C, H = self.n_embd, self.n_head
         W_k, W_v = (w.view(H, C // H, C) for w in self.c_attn.weight[C:].split(C))
         b_k, b_v = (None, None) if self.c_attn.bias is None else self.c_attn.bias[C:].view(2, H, C // H)
-        return W_k @ self.far_up.weight, b_k, W_v @ self.far_up.weight, b_v
+        shift = (self.k_shift_now, self.k_shift_prev, self.v_shift_now, self.v_shift_prev) if self.kv_shift else None
+        return W_k @ self.far_up.weight, b_k, W_v @ self.far_up.weight, b_v, shift
 
     def forward(self, x, cache=None):
         B, T, C = x.size()
@@ -509,8 +523,7 @@ class CausalSelfAttention(nn.Module):
             last_k, last_v = (None, None) if cache is None else (cache.last_k, cache.last_v)
             if cache is not None:   # the next chunk mixes in this chunk's last *raw* key/value
                 cache.last_k, cache.last_v = k[:, :, -1:].clone(), v[:, :, -1:].clone()
-            k = kv_shift(k, last_k, self.k_shift_now, self.k_shift_prev)
-            v = kv_shift(v, last_v, self.v_shift_now, self.v_shift_prev)
+            k, v = self.shift(k, v, last_k, last_v)
         if cache is None:
             dropout_p = self.dropout if self.training else 0.0
             y = dar_attention(q, k, v, *self.far_keys_values(x, k, v), self.window, dropout_p)

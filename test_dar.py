@@ -111,6 +111,9 @@ def naive_gpt(sd, cfg, idx):
         if cfg.far_mode == "latent":
             x_far = x_in @ sd[p + "attn.far_down.weight"].T @ sd[p + "attn.far_up.weight"].T
             _, far_k, far_v = (heads(t) for t in lin(x_far, "attn.c_attn").split(C, 2))
+            if cfg.kv_shift:   # shifted like the near keys and values
+                far_k = naive_shift(far_k, sd[p + "attn.k_shift_now"], sd[p + "attn.k_shift_prev"])
+                far_v = naive_shift(far_v, sd[p + "attn.v_shift_now"], sd[p + "attn.v_shift_prev"])
             y = naive_two_tier_attention(q, k, v, far_k, far_v, cfg.window)
         else:
             y = naive_dar_attention(q, k, v, cfg.window, cfg.far_k_dim, cfg.far_v_dim)
@@ -544,8 +547,9 @@ def make_latent_model(window, r=6, bias=True, seed=0, **kw):
 
 @pytest.mark.parametrize("window", [0, 1, 3, 10, 11, 32])   # T = 11: W < T, W = T - 1, W >= T
 @pytest.mark.parametrize("bias", [True, False])
-def test_latent_model_matches_naive_gpt(window, bias):
-    model, sd = make_latent_model(window, bias=bias)
+@pytest.mark.parametrize("kv_shift", [False, True])
+def test_latent_model_matches_naive_gpt(window, bias, kv_shift):
+    model, sd = make_latent_model(window, bias=bias, kv_shift=kv_shift)
     assert set(model.state_dict()) == set(sd)
     idx = torch.randint(0, 13, (2, 11), generator=torch.Generator().manual_seed(4))
     want = naive_gpt(sd, model.config, idx)
@@ -583,9 +587,10 @@ def test_latent_starts_as_an_orthogonal_projection():
 
 @pytest.mark.parametrize("window", [0, 1, 3, 32])
 @pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("kv_shift", [False, True])
 @pytest.mark.parametrize("prompt_len", [2, 3, 7])
-def test_latent_cache_matches_uncached(window, bias, prompt_len):
-    model, _ = make_latent_model(window, bias=bias)
+def test_latent_cache_matches_uncached(window, bias, kv_shift, prompt_len):
+    model, _ = make_latent_model(window, bias=bias, kv_shift=kv_shift)
     idx = torch.randint(0, 13, (2, 20), generator=torch.Generator().manual_seed(8))
     want = all_logits(model, idx)
     cache = model.new_cache(2)
@@ -623,8 +628,9 @@ def test_latent_cache_nbytes_is_its_formula_and_holds_no_far_key(window):
         assert window >= cfg.block_size or layer.latents.shape == (B, cfg.block_size, cfg.far_latent_dim)
 
 
-def test_latent_generates_with_copied_rows_like_the_uncached_path():
-    model, _ = make_latent_model(3, block_size=16)
+@pytest.mark.parametrize("kv_shift", [False, True])
+def test_latent_generates_with_copied_rows_like_the_uncached_path(kv_shift):
+    model, _ = make_latent_model(3, block_size=16, kv_shift=kv_shift)
     prompt = torch.randint(0, 13, (2, 5), generator=torch.Generator().manual_seed(4))
     out = {}
     for use_cache in (True, False):
@@ -665,7 +671,6 @@ def test_latent_convert_error_falls_as_the_bottleneck_widens(calibrated):
     (dict(far_mode="latent", far_v_dim=4), "far_v_dim"),
     (dict(far_mode="latent", far_latent_dim=0), "far_latent_dim"),
     (dict(far_mode="latent", far_latent_dim=129), "far_latent_dim"),
-    (dict(far_mode="latent", kv_shift=True), "kv_shift"),
 ])
 def test_invalid_far_mode_settings_raise(kw, field):
     with pytest.raises(ValueError, match=field):
