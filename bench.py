@@ -35,18 +35,49 @@ from data.recall import write_recall
 from sample import autocast, load_checkpoint, model_from_checkpoint, pick_device
 
 
-def regimes(block_size, head_dim, window, far_dim):
-    """name -> (window, far_k_dim, far_v_dim): the family of DESIGN.md at one model size."""
-    return {"full": (block_size, head_dim, head_dim),
-            "dar": (window, far_dim, far_dim),
-            "uniform": (0, far_dim, far_dim),
-            "thin_keys": (0, far_dim, head_dim),
-            "sliding": (window, 0, 0)}
+def sliced(window, far_k_dim, far_v_dim):
+    return dict(window=window, far_k_dim=far_k_dim, far_v_dim=far_v_dim)
 
 
-def kv_ratio(T, window, far_k_dim, far_v_dim, head_dim):
-    """KV bytes per token at context length T, relative to a full cache (DESIGN.md)."""
-    return (min(T, window) * 2 * head_dim + max(0, T - window) * (far_k_dim + far_v_dim)) / (T * 2 * head_dim)
+def latent(window, far_latent_dim):
+    return dict(window=window, far_mode="latent", far_latent_dim=far_latent_dim)
+
+
+def regimes(block_size, n_head, head_dim, window, far_dim):
+    """name -> GPTConfig fields: the family of DESIGN.md at one model size, then the latent
+    far tier at the slice's far bytes per token (r = n_head * 2 * far_dim) and at the
+    paper's n_embd / 4, and with no window (uniform latent: MLA-like)."""
+    same_bytes = min(n_head * 2 * far_dim, n_head * head_dim)
+    return {"full": sliced(block_size, head_dim, head_dim),
+            "dar": sliced(window, far_dim, far_dim),
+            "uniform": sliced(0, far_dim, far_dim),
+            "thin_keys": sliced(0, far_dim, head_dim),
+            "sliding": sliced(window, 0, 0),
+            "dar latent": latent(window, same_bytes),
+            "dar latent n/4": latent(window, n_head * head_dim // 4),
+            "uniform latent": latent(0, same_bytes)}
+
+
+def far_tier(regime):
+    """What a distant token keeps, for a table: 'k 8, v 8' or 'latent 64'."""
+    if regime.get("far_mode") == "latent":
+        return f"latent {regime['far_latent_dim']}"
+    return f"k {regime['far_k_dim']}, v {regime['far_v_dim']}"
+
+
+def flags(regime):
+    return [str(x) for name, value in regime.items() for x in (f"--{name}", value)]
+
+
+def kv_ratio(T, regime, n_embd, n_head):
+    """KV bytes per token at context length T, relative to a full cache: DESIGN.md's
+    formula; latent: the window's keys and values, and a latent for every token (README)."""
+    W = regime["window"]
+    if regime.get("far_mode") == "latent":
+        far = T * regime["far_latent_dim"]
+    else:
+        far = max(0, T - W) * n_head * (regime["far_k_dim"] + regime["far_v_dim"])
+    return (min(T, W) * 2 * n_embd + far) / (T * 2 * n_embd)
 
 
 def median_times(fns, repeats, warmup, device):
@@ -76,11 +107,10 @@ def report(args, name, tables, results):
     print("\n\n".join(tables) + f"\n\n(raw numbers: {path})")
 
 
-def model_for(args, window, far_k_dim, far_v_dim, block_size, kv_shift=False):
+def model_for(args, regime, block_size):
     torch.manual_seed(0)   # the same initial weights in every regime
     return dar.GPT(dar.GPTConfig(vocab_size=args.vocab_size, block_size=block_size, n_layer=args.n_layer,
-                                 n_head=args.n_head, n_embd=args.n_embd, bias=False, window=window,
-                                 far_k_dim=far_k_dim, far_v_dim=far_v_dim, kv_shift=kv_shift))
+                                 n_head=args.n_head, n_embd=args.n_embd, bias=False, **regime))
 
 
 # ----------------------------------------------------------------------------------------
@@ -91,9 +121,9 @@ def bench_speed(args):
     device, head_dim = pick_device(args.device), args.n_embd // args.n_head
     ctx, _ = autocast(device)
     x, y = (torch.randint(args.vocab_size, (args.batch_size, args.block_size), device=device) for _ in range(2))
-    steps, configs = {}, regimes(args.block_size, head_dim, args.window, args.far_dim)
-    for name, (window, far_k_dim, far_v_dim) in configs.items():
-        model = model_for(args, window, far_k_dim, far_v_dim, args.block_size).to(device)
+    steps, configs = {}, regimes(args.block_size, args.n_head, head_dim, args.window, args.far_dim)
+    for name, regime in configs.items():
+        model = model_for(args, regime, args.block_size).to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         def step(model=model, optimizer=optimizer):
             with ctx:
@@ -103,11 +133,11 @@ def bench_speed(args):
             optimizer.zero_grad(set_to_none=True)
         steps[name] = step
     step_s = median_times(steps, args.repeats, args.warmup, device)
-    rows = [[name, *configs[name], f"{step_s[name] * 1000:.1f}", f"{step_s[name] / step_s['full']:.2f}x"]
-            for name in configs]
-    train_table = markdown(["regime", "window", "far_k_dim", "far_v_dim", "ms/step", "vs full"], rows)
+    rows = [[name, configs[name]["window"], far_tier(configs[name]), f"{step_s[name] * 1000:.1f}",
+             f"{step_s[name] / step_s['full']:.2f}x"] for name in configs]
+    train_table = markdown(["regime", "window", "far tier", "ms/step", "vs full"], rows)
 
-    model = model_for(args, args.window, args.far_dim, args.far_dim, args.gen_block_size).to(device).eval()
+    model = model_for(args, configs["dar"], args.gen_block_size).to(device).eval()
     prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
     def generator(use_cache):
         def run():
@@ -172,8 +202,8 @@ def bench_decode(args):
     device, head_dim = pick_device(args.device), args.n_embd // args.n_head
     ctx, dtype = autocast(device)
     block_size = max(args.lengths) + args.warmup + args.steps
-    configs = regimes(block_size, head_dim, args.window, args.far_dim)
-    models = {name: model_for(args, *c, block_size).to(device).eval() for name, c in configs.items()}
+    configs = regimes(block_size, args.n_head, head_dim, args.window, args.far_dim)
+    models = {name: model_for(args, c, block_size).to(device).eval() for name, c in configs.items()}
     results, rows = [], []
     for B in args.batch_sizes:
         tokens = torch.randint(args.vocab_size, (B, max(args.lengths)), device=device)
@@ -196,10 +226,12 @@ def bench_decode(args):
                 r = {"B": B, "T": T, "regime": name, "ms_per_step": 1000 * seconds[name],
                      "vs_static": seconds[name] / seconds["static"]}
                 if name != "static":   # bytes at T, measured before the timed steps added tokens
-                    ratio, full, full_allocated = kv_ratio(T, *configs[name], head_dim), *held["full"]
+                    ratio = kv_ratio(T, configs[name], args.n_embd, args.n_head)
+                    at_block = kv_ratio(block_size, configs[name], args.n_embd, args.n_head)
+                    full, full_allocated = held["full"]
                     r.update(held_bytes=held[name][0], allocated_bytes=held[name][1], full_bytes=full,
-                             bytes_vs_full=ratio, formula_bytes=round(ratio * full), formula_at_block_bytes=round(
-                                 kv_ratio(block_size, *configs[name], head_dim) * full_allocated))
+                             bytes_vs_full=ratio, formula_bytes=round(ratio * full),
+                             formula_at_block_bytes=round(at_block * full_allocated))
                 results.append(r)
             print(f"B={B} T={T} done", file=sys.stderr, flush=True)
     table = markdown(DECODE_HEADERS, [decode_row(r, results) for r in results])
@@ -236,6 +268,14 @@ def train_run(args, out_dir, *flags):
         return [(e["iter"], e["val_loss"]) for e in map(json.loads, f)]
 
 
+def selected(variants, only):
+    """The variants named by --only (all when it is empty)."""
+    unknown = set(only or []) - set(variants)
+    if unknown:
+        raise SystemExit(f"error: --only {sorted(unknown)}: the regimes are {list(variants)}")
+    return {name: v for name, v in variants.items() if not only or name in only}
+
+
 def bench_quality(args):
     """Each regime trained with the same seed, data order and budget; then conversions."""
     if args.quick:
@@ -243,48 +283,48 @@ def bench_quality(args):
             setattr(args, name, value)
     head_dim = args.n_embd // args.n_head
     far = args.far_dim or head_dim // 4
-    configs = regimes(args.block_size, head_dim, args.window, far)
-    variants = {name: (*c, False) for name, c in configs.items()}
-    variants["dar+kv_shift"] = (args.window, far, far, True)
+    configs = regimes(args.block_size, args.n_head, head_dim, args.window, far)
+    variants = {name: (regime, False) for name, regime in configs.items()}
+    variants["dar+kv_shift"] = (configs["dar"], True)
+    variants = selected(variants, args.only)
     schedule = ["--max_iters", args.max_iters, "--eval_interval", args.eval_interval,
                 "--warmup_iters", args.warmup_iters, "--learning_rate", args.learning_rate]
     curves = {}
-    for name, (window, far_k_dim, far_v_dim, kv_shift) in variants.items():
-        curves[name] = train_run(args, os.path.join(args.out_dir, "quality", name), *schedule,
-                                 "--window", window, "--far_k_dim", far_k_dim, "--far_v_dim", far_v_dim,
-                                 "--kv_shift" if kv_shift else "--no-kv_shift")
+    for name, (regime, kv_shift) in variants.items():
+        curves[name] = train_run(args, os.path.join(args.out_dir, "quality", name.replace(" ", "_").replace("/", "")),
+                                 *schedule, *flags(regime), "--kv_shift" if kv_shift else "--no-kv_shift")
     final = {name: curve[-1][1] for name, curve in curves.items()}
-    rows = [[name, window, far_k_dim, far_v_dim, "yes" if shift else "no", f"{final[name]:.4f}",
-             f"{100 * (final[name] / final['full'] - 1):+.2f}%",
-             f"{kv_ratio(args.block_size, window, far_k_dim, far_v_dim, head_dim):.3f}"]
-            for name, (window, far_k_dim, far_v_dim, shift) in variants.items()]
-    variant_table = markdown(["regime", "window", "far_k_dim", "far_v_dim", "kv_shift", "final val loss",
+    vs_full = lambda name: f"{100 * (final[name] / final['full'] - 1):+.2f}%" if "full" in final else "-"
+    rows = [[name, regime["window"], far_tier(regime), "yes" if shift else "no", f"{final[name]:.4f}", vs_full(name),
+             f"{kv_ratio(args.block_size, regime, args.n_embd, args.n_head):.3f}"]
+            for name, (regime, shift) in variants.items()]
+    variant_table = markdown(["regime", "window", "far tier", "kv_shift", "final val loss",
                               "vs full", f"KV bytes/token at T={args.block_size} vs full"], rows)
+    first = next(iter(curves.values()))
     curve_table = markdown(["iter"] + list(curves),
-                           [[it] + [f"{curves[n][i][1]:.4f}" for n in curves] for i, (it, _) in enumerate(curves["full"])])
-    conversions = convert_and_fine_tune(args, configs)
+                           [[it] + [f"{curves[n][i][1]:.4f}" for n in curves] for i, (it, _) in enumerate(first)])
+    conversions = convert_and_fine_tune(args, configs) if "full" in curves else ("(no conversions: full not run)", {})
     report(args, "quality", [variant_table, "val loss during training:\n\n" + curve_table, conversions[0]],
-           {"curves": curves, "final_val_loss": final, "conversion": conversions[1]})
+           {"variants": variants, "curves": curves, "final_val_loss": final, "conversion": conversions[1]})
     plot_curves(curves, os.path.join(args.out_dir, "quality.png"))
 
 
 def convert_and_fine_tune(args, configs):
-    """The trained full model converted to DAR and to uniform, by weight SVD and by PCA."""
+    """The trained full model converted to DAR, uniform and DAR latent, by the weights
+    (SVD) and by PCA on a calibration batch, each selected by --only."""
     source = os.path.join(args.out_dir, "quality", "full", "ckpt_last.pt")
     fine_tune = ["--max_iters", args.finetune_iters, "--eval_interval", args.finetune_iters,
                  "--warmup_iters", max(1, args.finetune_iters // 10), "--learning_rate", args.finetune_lr,
                  "--min_lr", args.finetune_lr / 10]
     results, rows = {}, []
-    for target in ("dar", "uniform"):
-        window, far_k_dim, far_v_dim = configs[target]
+    for target in [t for t in ("dar", "uniform", "dar latent") if not args.only or t in args.only]:
         for method, seqs in (("weight SVD", 0), ("PCA", args.calibration_seqs)):
-            out_dir = os.path.join(args.out_dir, "quality", f"convert_{target}_{'pca' if seqs else 'svd'}")
-            curve = train_run(args, out_dir, "--init_from", "convert", "--convert_from", source,
-                              "--calibration_seqs", seqs, "--window", window, "--far_k_dim", far_k_dim,
-                              "--far_v_dim", far_v_dim, *fine_tune)
+            folder = f"convert_{target.replace(' ', '_')}_{'pca' if seqs else 'svd'}"
+            curve = train_run(args, os.path.join(args.out_dir, "quality", folder), "--init_from", "convert",
+                              "--convert_from", source, "--calibration_seqs", seqs, *flags(configs[target]), *fine_tune)
             results[f"{target}/{method}"] = {"zero_shot": curve[0][1], "fine_tuned": curve[-1][1]}
             rows.append([target, method, f"{curve[0][1]:.4f}", f"{curve[-1][1]:.4f}"])
-    table = markdown(["converted to", "rotation", "val loss zero-shot",
+    table = markdown(["converted to", "axes", "val loss zero-shot",
                       f"after {args.finetune_iters} fine-tune iters"], rows)
     return table, results
 
@@ -325,7 +365,8 @@ def plot_decode(results, path):
     batch_sizes = sorted({r["B"] for r in results})
     fig, axes = plt.subplots(1, len(batch_sizes) + 1, figsize=(4.2 * (len(batch_sizes) + 1), 3.8))
     for name, style in (("static", "k--"), ("full", "C0-"), ("dar", "C3-"), ("uniform", "C2-"),
-                        ("thin_keys", "C1-"), ("sliding", "C7-")):
+                        ("thin_keys", "C1-"), ("sliding", "C7-"), ("dar latent", "C3:"),
+                        ("dar latent n/4", "C4:"), ("uniform latent", "C2:")):
         for ax, B in zip(axes, batch_sizes):
             rows = [r for r in results if r["regime"] == name and r["B"] == B]
             label = "static full cache (peer)" if name == "static" else name
@@ -373,7 +414,7 @@ def model_predictor(model):
     return predict
 
 
-def recall_run(args, name, pairs, window, far_k_dim, far_v_dim, folder="recall"):
+def recall_run(args, name, pairs, regime, folder="recall"):
     """Train one regime on recall data with `pairs` pairs; its accuracy on the val split."""
     data_dir = os.path.join(args.out_dir, folder, "data",   # --quick's data must not be reused by a full run
                             f"pairs_{pairs}_block_{args.block_size}_seqs_{args.train_seqs}_{args.val_seqs}")
@@ -383,11 +424,21 @@ def recall_run(args, name, pairs, window, far_k_dim, far_v_dim, folder="recall")
     args.dataset = data_dir
     train_run(args, out_dir, "--max_iters", args.max_iters, "--eval_interval", args.eval_interval,
               "--warmup_iters", args.warmup_iters, "--learning_rate", args.learning_rate,
-              "--window", window, "--far_k_dim", far_k_dim, "--far_v_dim", far_v_dim,
-              "--kv_shift" if args.kv_shift else "--no-kv_shift")
+              *flags(regime), "--kv_shift" if args.kv_shift else "--no-kv_shift")
     model = model_from_checkpoint(load_checkpoint(os.path.join(out_dir, "ckpt_last.pt")), pick_device(args.device))
     val = lambda name: np.fromfile(os.path.join(data_dir, f"{name}.bin"), dtype=np.uint16)
     return recall_accuracy(model_predictor(model), val("val"), val("val_answers"), args.block_size + 1, args.window)
+
+
+def recall_regimes(args):
+    """The regimes of the recall table: far dims head_dim / 4 and / 8, and the latent far
+    tier at the bytes of each (r = n_head * 2 * far dims)."""
+    hd, W, H = args.n_embd // args.n_head, args.window, args.n_head
+    return {"full": sliced(args.block_size, hd, hd), "dar hd/4": sliced(W, hd // 4, hd // 4),
+            "dar hd/8": sliced(W, hd // 8, hd // 8), "uniform hd/4": sliced(0, hd // 4, hd // 4),
+            "thin_keys": sliced(0, hd // 4, hd), "sliding": sliced(W, 0, 0),
+            "dar latent as hd/4": latent(W, H * hd // 2), "dar latent as hd/8": latent(W, H * hd // 4),
+            "uniform latent as hd/4": latent(0, H * hd // 2)}
 
 
 def bench_recall(args):
@@ -396,23 +447,20 @@ def bench_recall(args):
     if args.quick:
         for name, value in RECALL_QUICK.items():
             setattr(args, name, value)
-    hd, W = args.n_embd // args.n_head, args.window
-    variants = {"full": (args.block_size, hd, hd), "dar hd/4": (W, hd // 4, hd // 4),
-                "dar hd/8": (W, hd // 8, hd // 8), "uniform hd/4": (0, hd // 4, hd // 4),
-                "thin_keys": (0, hd // 4, hd), "sliding": (W, 0, 0)}
+    variants = selected(recall_regimes(args), args.only)
     buckets = ["all", "inside window", "1-2x window", "farther"]
     cell = lambda acc: "-" if acc[0] is None else f"{100 * acc[0]:.1f}%"
     results, rows = {}, []
-    for name, config in variants.items():
-        results[name] = recall_run(args, name, args.pairs, *config)
-        rows.append([name, *config] + [cell(results[name][b]) for b in buckets])
-    counts = {b: results["full"][b][1] for b in buckets}
-    variant_table = markdown(["regime", "window", "far_k_dim", "far_v_dim"] + [f"{b} ({counts[b]})" for b in buckets], rows)
-    sweep, rows = {name: {} for name in args.sweep_regimes}, []
+    for name, regime in variants.items():
+        results[name] = recall_run(args, name, args.pairs, regime)
+        rows.append([name, regime["window"], far_tier(regime)] + [cell(results[name][b]) for b in buckets])
+    counts = {b: next(iter(results.values()))[b][1] for b in buckets}
+    variant_table = markdown(["regime", "window", "far tier"] + [f"{b} ({counts[b]})" for b in buckets], rows)
+    sweep, rows = {name: {} for name in args.sweep_regimes if name in variants}, []
     for pairs in args.sweep_pairs:
-        for name in args.sweep_regimes:
+        for name in sweep:
             sweep[name][pairs] = results[name] if pairs == args.pairs else recall_run(
-                args, name, pairs, *variants[name])
+                args, name, pairs, variants[name])
             rows.append([pairs, name] + [cell(sweep[name][pairs][b]) for b in buckets])
     sweep_table = markdown(["pairs", "regime"] + buckets, rows)
     shift = "with" if args.kv_shift else "without"
@@ -427,10 +475,10 @@ def bench_recall(args):
 def capacity_cells(head_dim, window, block_size, dims, tied_dims):
     """name -> (window, far_k_dim, far_v_dim): full attention (the ceiling), a sliding window
     (the floor), then far keys reduced (selection), far values reduced (transfer), both."""
-    cells = {"full": (block_size, head_dim, head_dim), "sliding": (window, 0, 0)}
-    cells.update({f"keys {r}": (window, r, head_dim) for r in dims})
-    cells.update({f"values {r}": (window, head_dim, r) for r in dims})
-    cells.update({f"tied {r}": (window, r, r) for r in tied_dims})
+    cells = {"full": sliced(block_size, head_dim, head_dim), "sliding": sliced(window, 0, 0)}
+    cells.update({f"keys {r}": sliced(window, r, head_dim) for r in dims})
+    cells.update({f"values {r}": sliced(window, head_dim, r) for r in dims})
+    cells.update({f"tied {r}": sliced(window, r, r) for r in tied_dims})
     return cells
 
 
@@ -447,14 +495,15 @@ def bench_capacity(args):
     for pairs in args.pairs:
         for name, config in cells.items():
             for args.seed in seeds:   # train_run passes args.seed to train.py
-                result = recall_run(args, f"{name} seed {args.seed}", pairs, *config, folder="capacity")
+                result = recall_run(args, f"{name} seed {args.seed}", pairs, config, folder="capacity")
                 accuracy[name][pairs].append(result["beyond window"][0])
     learnt = {pairs: statistics.median(accuracy["full"][pairs]) >= 0.95 for pairs in args.pairs}
     def cell(accs, pairs):
         text = f"{100 * statistics.median(accs):.1f}%" + (f" ({100 * min(accs):.0f}-{100 * max(accs):.0f})" if len(accs) > 1 else "")
         return text if learnt[pairs] else text + " budget"
     grid = markdown(["cell", "window", "far_k_dim", "far_v_dim"] + [f"{pairs} pairs" for pairs in args.pairs],
-                    [[name, *config] + [cell(accuracy[name][p], p) for p in args.pairs] for name, config in cells.items()])
+                    [[name, *config.values()] + [cell(accuracy[name][p], p) for p in args.pairs]
+                     for name, config in cells.items()])
     smallest = {series: {pairs: smallest_dim(accuracy, series, pairs, learnt[pairs]) for pairs in args.pairs}
                 for series in ("keys", "values", "tied")}
     summary = markdown(["pairs", "smallest far_k_dim (values full)", "smallest far_v_dim (keys full)", "smallest tied"],
@@ -563,10 +612,14 @@ def main(argv=None):
     quality.add_argument("--finetune_lr", type=float, default=3e-4, help=d)
     quality.add_argument("--calibration_seqs", type=int, default=16, help="PCA conversion's batch " + d)
     quality.add_argument("--quick", action="store_true", help=f"a small run in minutes: {QUICK}")
+    for s in (quality, recall):
+        s.add_argument("--only", nargs="+", help="train only these regimes (default: all; quality converts "
+                                                 "only when full is among them)")
     recall.add_argument("--pairs", type=int, default=8, help="pairs per sequence for the regimes " + d)
     recall.add_argument("--sweep_pairs", type=int, nargs="+", default=[4, 8, 16], help=d)
     recall.add_argument("--sweep_regimes", nargs="+", default=["full", "dar hd/8"], help=d,
-                        choices=["full", "dar hd/4", "dar hd/8", "uniform hd/4", "thin_keys", "sliding"])
+                        choices=["full", "dar hd/4", "dar hd/8", "uniform hd/4", "thin_keys", "sliding",
+                                 "dar latent as hd/4", "dar latent as hd/8", "uniform latent as hd/4"])
     for s, val_seqs in ((recall, 500), (capacity, 200)):
         s.add_argument("--kv_shift", action=argparse.BooleanOptionalAction, default=True,
                        help="in every regime: one layer can then match a key and copy the token after it; "

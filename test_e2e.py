@@ -342,10 +342,10 @@ def test_bench_speed_smoke(tmp_path):
              "--out_dir", str(tmp_path))
     assert r.returncode == 0, r.stderr
     names = [row.split("|")[1].strip() for row in table_rows(r.stdout)]
-    assert names[:5] == ["full", "dar", "uniform", "thin_keys", "sliding"]
+    assert names[:8] == ["full", "dar", "uniform", "thin_keys", "sliding", "dar latent", "dar latent n/4", "uniform latent"]
     assert "two-tier cache" in names and "no cache (nanoGPT)" in names
     result = json.load(open(tmp_path / "speed.json"))
-    assert set(result["step_seconds"]) == set(names[:5]) and len(result["generate_seconds"]) == 2
+    assert set(result["step_seconds"]) == set(names[:8]) and len(result["generate_seconds"]) == 2
 
 
 def test_the_static_peer_of_bench_decode_matches_the_uncached_forward():
@@ -367,8 +367,8 @@ def test_bench_decode_smoke_bytes_are_the_formula(tmp_path):
     assert r.returncode == 0, r.stderr
     result = json.load(open(tmp_path / "decode.json"))
     rows = result["rows"]
-    assert len(rows) == len(table_rows(r.stdout)) - 2 == 2 * 3 * 6   # (B, T) x (the static peer, 5 regimes)
-    assert [row["regime"] for row in rows[:6]] == ["static", "full", "dar", "uniform", "thin_keys", "sliding"]
+    assert len(rows) == len(table_rows(r.stdout)) - 2 == 2 * 3 * 9   # (B, T) x (the static peer, 8 regimes)
+    assert [row["regime"] for row in rows[:9]] == ["static", "full", "dar", "uniform", "thin_keys", "sliding", "dar latent", "dar latent n/4", "uniform latent"]
     for row in rows:
         assert row["ms_per_step"] > 0
         if row["regime"] != "static":
@@ -387,13 +387,22 @@ def test_bench_quality_smoke(corpus, tmp_path):
              "--finetune_iters", "2", "--calibration_seqs", "2", "--out_dir", str(tmp_path))
     assert r.returncode == 0, r.stderr
     result = json.load(open(tmp_path / "quality.json"))
-    variants = ["full", "dar", "uniform", "thin_keys", "sliding", "dar+kv_shift"]
+    variants = ["full", "dar", "uniform", "thin_keys", "sliding", "dar latent", "dar latent n/4", "uniform latent", "dar+kv_shift"]
     assert list(result["final_val_loss"]) == variants
     assert all([it for it, _ in result["curves"][v]] == [0, 2, 4] for v in variants)
-    assert set(result["conversion"]) == {"dar/weight SVD", "dar/PCA", "uniform/weight SVD", "uniform/PCA"}
+    assert set(result["conversion"]) == {f"{target}/{axes}" for target in ("dar", "uniform", "dar latent")
+                                         for axes in ("weight SVD", "PCA")}
     assert all(set(c) == {"zero_shot", "fine_tuned"} for c in result["conversion"].values())
-    assert [row.split("|")[1].strip() for row in table_rows(r.stdout)][:6] == variants
+    assert [row.split("|")[1].strip() for row in table_rows(r.stdout)][:9] == variants
     assert (tmp_path / "quality.png").exists() or "matplotlib is not installed" in r.stdout   # an optional extra
+    only = call(bench.main, "quality", *TINY_BENCH, "--dataset", dataset, "--block_size", "32", "--batch_size", "4",
+                "--max_iters", "2", "--eval_interval", "2", "--eval_iters", "1", "--finetune_iters", "2",
+                "--warmup_iters", "1", "--only", "full", "dar latent", "--out_dir", str(tmp_path / "only"))
+    assert only.returncode == 0, only.stderr
+    result = json.load(open(tmp_path / "only" / "quality.json"))
+    assert list(result["final_val_loss"]) == ["full", "dar latent"]
+    assert set(result["conversion"]) == {"dar latent/weight SVD", "dar latent/PCA"}
+    fails_cleanly(call(bench.main, "quality", "--only", "dar_latent"), "--only ['dar_latent']")
 
 
 # ----------------------------------------------------------------------------------------
@@ -470,7 +479,8 @@ def test_bench_recall_smoke(tmp_path):
              "--train_seqs", "20", "--val_seqs", "4", "--device", "cpu", "--out_dir", str(tmp_path))
     assert r.returncode == 0, r.stderr
     result = json.load(open(tmp_path / "recall.json"))
-    assert list(result["accuracy"]) == ["full", "dar hd/4", "dar hd/8", "uniform hd/4", "thin_keys", "sliding"]
+    assert list(result["accuracy"]) == ["full", "dar hd/4", "dar hd/8", "uniform hd/4", "thin_keys", "sliding",
+                                        "dar latent as hd/4", "dar latent as hd/8", "uniform latent as hd/4"]
     assert result["kv_shift"] is True
     assert list(result["sweep"]) == ["full", "dar hd/8"] and all(set(s) == {"2", "3"} for s in result["sweep"].values())
     assert result["sweep"]["full"]["2"] == result["accuracy"]["full"]   # pairs == --pairs: the table's run
@@ -479,7 +489,7 @@ def test_bench_recall_smoke(tmp_path):
         assert set(accuracy) == {"all", "inside window", "1-2x window", "farther", "beyond window"}
         assert accuracy["all"][1] == sum(accuracy[b][1] for b in ("inside window", "1-2x window", "farther"))
         assert accuracy["beyond window"][1] == accuracy["all"][1] - accuracy["inside window"][1]
-    assert len(table_rows(r.stdout)) == 6 + 2 * 2   # the regimes, then each (pairs, sweep regime)
+    assert len(table_rows(r.stdout)) == 9 + 2 * 2   # the regimes, then each (pairs, sweep regime)
 
 
 def test_bench_capacity_smoke(tmp_path, monkeypatch):
@@ -500,7 +510,7 @@ def test_bench_capacity_smoke(tmp_path, monkeypatch):
     result = json.load(open(tmp_path / "capacity.json"))
     names = ["full", "sliding", "keys 1", "keys 4", "values 1", "values 4", "tied 2"]
     assert list(result["cells"]) == names and result["seeds"] == [1337, 1338]
-    assert result["cells"]["keys 1"] == [4, 1, 8] and result["cells"]["values 4"] == [4, 8, 4]
+    assert result["cells"]["keys 1"] == bench.sliced(4, 1, 8) and result["cells"]["values 4"] == bench.sliced(4, 8, 4)
     assert all(list(result["accuracy"][n]) == ["2", "3"] and all(len(a) == 2 for a in result["accuracy"][n].values())
                for n in names)
     recorded = [a for n in names for pairs in ("2", "3") for a in result["accuracy"][n][pairs]]
