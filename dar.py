@@ -63,11 +63,11 @@ class GPTConfig:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
         if self.window < 0:
             raise ValueError(f"window={self.window} must be >= 0")
-        if self.far_mode == "latent":
-            self._check_latent()
-            return
-        if self.far_mode != "slice":
+        if self.far_mode not in ("slice", "latent"):
             raise ValueError(f"far_mode={self.far_mode!r} must be 'slice' or 'latent'")
+        self._check_latent() if self.far_mode == "latent" else self._check_slice()
+
+    def _check_slice(self):
         if self.far_latent_dim is not None:
             raise ValueError("far_latent_dim applies to far_mode='latent' only")
         for name in ("far_k_dim", "far_v_dim"):
@@ -187,6 +187,10 @@ def kv_shift(x, last, now, prev):
 # block_size tokens, and written in place; attention reads views of the filled part. In
 # the full regime every token is local: the ring holds block_size tokens and never wraps,
 # so the same code is a plain static full cache.
+# The latent mode keeps the same ring; its far store holds each token's latent far_down(x)
+# instead (LatentLayerCache), and a query reads it without rebuilding a far key (LatentFar).
+# Either far tier is read through two calls: its scores against the queries, and its
+# weighted values added to the output.
 
 def masked(scores, mask):
     return scores if mask is None else scores.masked_fill(~mask, float("-inf"))
@@ -378,7 +382,9 @@ class LatentLayerCache(LayerCache):
             self.latents = like.new_empty(self.shape[0], self.window + self.far_size, self.latent_dim)
 
     def attend(self, q, k, v, latents, maps):
-        """As LayerCache.attend; latents: far_down(x) of the new tokens, (B, n, r)."""
+        """As LayerCache.attend; latents: far_down(x) of the new tokens, (B, n, r); maps: a
+        function giving the layer's absorbed maps, called at the first tokens of each fill
+        (so a cache reused after training steps reads the new weights)."""
         if self.length == 0:
             self.maps = maps()
         if self.local_k is None:

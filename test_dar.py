@@ -143,6 +143,20 @@ def all_logits(model, idx):
     return torch.cat([model(idx[:, :t + 1])[0] for t in range(idx.size(1))], dim=1)
 
 
+def assert_cache_matches_uncached(model, prompt_len):
+    """A prompt, one token at a time across the tier boundary, then a chunk after a
+    non-empty cache: each cached step's logits are the uncached forward's, B = 2."""
+    idx = torch.randint(0, 13, (2, 20), generator=torch.Generator().manual_seed(8))
+    want = all_logits(model, idx)
+    cache = model.new_cache(2)
+    got = [model(idx[:, :prompt_len], cache=cache)[0]]
+    got += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(prompt_len, 14)]
+    got.append(model(idx[:, 14:20], cache=cache)[0])
+    want = torch.cat([want[:, prompt_len - 1:14], want[:, 19:]], dim=1)
+    torch.testing.assert_close(torch.cat(got, dim=1), want, atol=1e-5, rtol=1e-5)
+    assert cache.length == 20
+
+
 # (window, far_k_dim, far_v_dim) with head_dim 8: every regime of DESIGN.md and the edges
 REGIMES = {
     "dar": (3, 2, 2),
@@ -268,16 +282,7 @@ def test_dropout_trains():
 def test_cache_matches_uncached(name, kv_shift, prompt_len):
     window, far_k_dim, far_v_dim = REGIMES[name]
     model, _ = make_model(window=window, far_k_dim=far_k_dim, far_v_dim=far_v_dim, kv_shift=kv_shift)
-    idx = torch.randint(0, 13, (2, 20), generator=torch.Generator().manual_seed(8))
-    want = all_logits(model, idx)
-    cache = model.new_cache(2)
-    got = [model(idx[:, :prompt_len], cache=cache)[0]]
-    for t in range(prompt_len, 14):        # one token at a time, across the tier boundary
-        got.append(model(idx[:, t:t + 1], cache=cache)[0])
-    got.append(model(idx[:, 14:20], cache=cache)[0])   # a chunk after a non-empty cache
-    want = torch.cat([want[:, prompt_len - 1:14], want[:, 19:]], dim=1)
-    torch.testing.assert_close(torch.cat(got, dim=1), want, atol=1e-5, rtol=1e-5)
-    assert cache.length == 20
+    assert_cache_matches_uncached(model, prompt_len)
 
 
 def formula_nbytes(cfg, B, T, element_size=4):
@@ -591,15 +596,7 @@ def test_latent_starts_as_an_orthogonal_projection():
 @pytest.mark.parametrize("prompt_len", [2, 3, 7])
 def test_latent_cache_matches_uncached(window, bias, kv_shift, prompt_len):
     model, _ = make_latent_model(window, bias=bias, kv_shift=kv_shift)
-    idx = torch.randint(0, 13, (2, 20), generator=torch.Generator().manual_seed(8))
-    want = all_logits(model, idx)
-    cache = model.new_cache(2)
-    got = [model(idx[:, :prompt_len], cache=cache)[0]]
-    for t in range(prompt_len, 14):        # one token at a time, across the tier boundary
-        got.append(model(idx[:, t:t + 1], cache=cache)[0])
-    got.append(model(idx[:, 14:20], cache=cache)[0])   # a chunk after a non-empty cache
-    want = torch.cat([want[:, prompt_len - 1:14], want[:, 19:]], dim=1)
-    torch.testing.assert_close(torch.cat(got, dim=1), want, atol=1e-5, rtol=1e-5)
+    assert_cache_matches_uncached(model, prompt_len)
 
 
 def latent_formula_nbytes(cfg, B, T, element_size=4):
