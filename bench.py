@@ -347,8 +347,12 @@ def plot_curves(curves, path):
     if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    colors = {}   # a latent regime in its slice counterpart's colour, dashed (dotted at r = n_embd / 4)
     for name, curve in curves.items():
-        ax.plot(*zip(*curve[1:]), marker=".", label=name)
+        base = name.split(" latent")[0]
+        color = colors.setdefault(base, f"C{len(colors)}")
+        style = "-" if "latent" not in name else ":" if name.endswith("n/4") else "--"
+        ax.plot(*zip(*curve[1:]), marker=".", color=color, linestyle=style, label=name)
     ax.set(title="validation loss while training (lower is better)", xlabel="iteration", ylabel="val loss")
     ax.grid(alpha=0.3)
     ax.legend()
