@@ -367,7 +367,7 @@ def plot_decode(results, path):
     if plt is None:
         return
     batch_sizes = sorted({r["B"] for r in results})
-    fig, axes = plt.subplots(1, len(batch_sizes) + 1, figsize=(4.2 * (len(batch_sizes) + 1), 3.8))
+    fig, axes = plt.subplots(1, len(batch_sizes) + 1, figsize=(4.2 * (len(batch_sizes) + 1), 4.6))
     for name, style in (("static", "k--"), ("full", "C0-"), ("dar", "C3-"), ("uniform", "C2-"),
                         ("thin_keys", "C1-"), ("sliding", "C7-"), ("dar latent", "C3:"),
                         ("dar latent n/4", "C4:"), ("uniform latent", "C2:")):
@@ -381,11 +381,11 @@ def plot_decode(results, path):
             axes[-1].plot([r["T"] for r in rows], [r["held_bytes"] / r["B"] / 2**20 for r in rows], style,
                           marker=".", label=name)
     axes[-1].set(title="KV cache held per sequence", xlabel="context length T", ylabel="MiB")
-    axes[0].legend()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=5)   # below, clear of the lines
     for ax in axes:
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
