@@ -279,12 +279,17 @@ class LayerCache:
         self.far_k = self.far_v = None             # (B, H, block_size - window, far_k/v_dim)
         self.last_k = self.last_v = None           # raw key/value of the last token (kv_shift)
 
+    buffers = ("local_k", "local_v", "far_k", "far_v")   # what copy_rows copies
+
     def allocate(self, like):
         """The buffers, once, in the dtype and on the device of `like`."""
         self.local_k, self.local_v = (like.new_empty(*self.shape, self.window, self.head_dim) for _ in "kv")
         if self.has_far:
-            self.far_k = like.new_empty(*self.shape, self.far_size, self.far_k_dim)
-            self.far_v = like.new_empty(*self.shape, self.far_size, self.far_v_dim)
+            self.allocate_far(like)
+
+    def allocate_far(self, like):
+        self.far_k = like.new_empty(*self.shape, self.far_size, self.far_k_dim)
+        self.far_v = like.new_empty(*self.shape, self.far_size, self.far_v_dim)
 
     def held(self):
         """Views of what is filled: local_k, local_v and the far tier (None: none)."""
@@ -376,10 +381,10 @@ class LatentLayerCache(LayerCache):
         self.latents = None   # (B, block_size, r), index p
         self.maps = None      # the layer's absorbed maps, taken at the first tokens of a fill
 
-    def allocate(self, like):
-        self.local_k, self.local_v = (like.new_empty(*self.shape, self.window, self.head_dim) for _ in "kv")
-        if self.has_far:
-            self.latents = like.new_empty(self.shape[0], self.window + self.far_size, self.latent_dim)
+    buffers = ("local_k", "local_v", "latents")
+
+    def allocate_far(self, like):
+        self.latents = like.new_empty(self.shape[0], self.window + self.far_size, self.latent_dim)
 
     def attend(self, q, k, v, latents, maps):
         """As LayerCache.attend; latents: far_down(x) of the new tokens, (B, n, r); maps: a
@@ -433,13 +438,15 @@ class KVCache:
         for mine, theirs in zip(self.layers, prefilled.layers):
             if theirs.local_k is not None and mine.local_k is None:
                 mine.allocate(theirs.local_k)
-            for name in ("local_k", "local_v", "far_k", "far_v", "latents"):
-                src = getattr(theirs, name, None)
+            for name in mine.buffers:
+                src = getattr(theirs, name)
                 if src is not None:   # in place, each row broadcast to its copies
                     getattr(mine, name).unflatten(0, (-1, repeats)).copy_(src.unsqueeze(1))
             mine.last_k, mine.last_v = (None if t is None else t.repeat_interleave(repeats, 0)
                                         for t in (theirs.last_k, theirs.last_v))
-            mine.length, mine.maps = theirs.length, getattr(theirs, "maps", None)
+            mine.length = theirs.length
+            if isinstance(mine, LatentLayerCache):   # taken at the first tokens, which mine did not see
+                mine.maps = theirs.maps
 
     @property
     def length(self):
