@@ -107,6 +107,11 @@ def report(args, name, tables, results):
     print("\n\n".join(tables) + f"\n\n(raw numbers: {path})")
 
 
+def folder_name(name):
+    """A regime's name as a folder name: 'dar latent n/4' -> 'dar_latent_n_4'."""
+    return name.replace(" ", "_").replace("/", "_")
+
+
 def model_for(args, regime, block_size):
     torch.manual_seed(0)   # the same initial weights in every regime
     return dar.GPT(dar.GPTConfig(vocab_size=args.vocab_size, block_size=block_size, n_layer=args.n_layer,
@@ -291,7 +296,7 @@ def bench_quality(args):
                 "--warmup_iters", args.warmup_iters, "--learning_rate", args.learning_rate]
     curves = {}
     for name, (regime, kv_shift) in variants.items():
-        curves[name] = train_run(args, os.path.join(args.out_dir, "quality", name.replace(" ", "_").replace("/", "")),
+        curves[name] = train_run(args, os.path.join(args.out_dir, "quality", folder_name(name)),
                                  *schedule, *flags(regime), "--kv_shift" if kv_shift else "--no-kv_shift")
     final = {name: curve[-1][1] for name, curve in curves.items()}
     vs_full = lambda name: f"{100 * (final[name] / final['full'] - 1):+.2f}%" if "full" in final else "-"
@@ -319,8 +324,8 @@ def convert_and_fine_tune(args, configs):
     results, rows = {}, []
     for target in [t for t in ("dar", "uniform", "dar latent") if not args.only or t in args.only]:
         for method, seqs in (("weight SVD", 0), ("PCA", args.calibration_seqs)):
-            folder = f"convert_{target.replace(' ', '_')}_{'pca' if seqs else 'svd'}"
-            curve = train_run(args, os.path.join(args.out_dir, "quality", folder), "--init_from", "convert",
+            out_dir = os.path.join(args.out_dir, "quality", f"convert_{folder_name(target)}_{'pca' if seqs else 'svd'}")
+            curve = train_run(args, out_dir, "--init_from", "convert",
                               "--convert_from", source, "--calibration_seqs", seqs, *flags(configs[target]), *fine_tune)
             results[f"{target}/{method}"] = {"zero_shot": curve[0][1], "fine_tuned": curve[-1][1]}
             rows.append([target, method, f"{curve[0][1]:.4f}", f"{curve[-1][1]:.4f}"])
@@ -424,7 +429,7 @@ def recall_run(args, name, pairs, regime, folder="recall"):
                             f"pairs_{pairs}_block_{args.block_size}_seqs_{args.train_seqs}_{args.val_seqs}")
     if not os.path.exists(os.path.join(data_dir, "meta.json")):
         write_recall(data_dir, pairs, args.block_size, train_seqs=args.train_seqs, val_seqs=args.val_seqs)
-    out_dir = os.path.join(args.out_dir, folder, f"{name.replace(' ', '_').replace('/', '_')}_pairs_{pairs}")
+    out_dir = os.path.join(args.out_dir, folder, f"{folder_name(name)}_pairs_{pairs}")
     args.dataset = data_dir
     train_run(args, out_dir, "--max_iters", args.max_iters, "--eval_interval", args.eval_interval,
               "--warmup_iters", args.warmup_iters, "--learning_rate", args.learning_rate,
@@ -477,7 +482,7 @@ def bench_recall(args):
 # ----------------------------------------------------------------------------------------
 
 def capacity_cells(head_dim, window, block_size, dims, tied_dims):
-    """name -> (window, far_k_dim, far_v_dim): full attention (the ceiling), a sliding window
+    """name -> GPTConfig fields: full attention (the ceiling), a sliding window
     (the floor), then far keys reduced (selection), far values reduced (transfer), both."""
     cells = {"full": sliced(block_size, head_dim, head_dim), "sliding": sliced(window, 0, 0)}
     cells.update({f"keys {r}": sliced(window, r, head_dim) for r in dims})
