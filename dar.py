@@ -267,6 +267,7 @@ def two_tier_attention(q, local_k, local_v, far=None, local_mask=None, far_mask=
 
 class LayerCache:
     """Slice mode: the ring and a far store of leading coordinates."""
+    buffers = ("local_k", "local_v", "far_k", "far_v")   # what copy_rows copies
 
     def __init__(self, config, batch_size):
         self.shape = (batch_size, config.n_head)
@@ -278,8 +279,6 @@ class LayerCache:
         self.local_k = self.local_v = None         # (B, H, window, d), slot p % window
         self.far_k = self.far_v = None             # (B, H, block_size - window, far_k/v_dim)
         self.last_k = self.last_v = None           # raw key/value of the last token (kv_shift)
-
-    buffers = ("local_k", "local_v", "far_k", "far_v")   # what copy_rows copies
 
     def allocate(self, like):
         """The buffers, once, in the dtype and on the device of `like`."""
@@ -374,14 +373,13 @@ class LatentLayerCache(LayerCache):
     (B, block_size, r). A token's x is gone once it has been attended, so its latent is
     written when it arrives (at index p), not when it leaves the window: the store holds
     min(T, window) latents more than the far tier reads, r numbers each."""
+    buffers = ("local_k", "local_v", "latents")
 
     def __init__(self, config, batch_size):
         super().__init__(config, batch_size)
         self.has_far, self.latent_dim = self.far_size > 0, config.far_latent_dim
         self.latents = None   # (B, block_size, r), index p
         self.maps = None      # the layer's absorbed maps, taken at the first tokens of a fill
-
-    buffers = ("local_k", "local_v", "latents")
 
     def allocate_far(self, like):
         self.latents = like.new_empty(self.shape[0], self.window + self.far_size, self.latent_dim)
