@@ -158,36 +158,36 @@ def bench_speed(args):
                                                      "regimes": configs})
 
 
-class StaticLayerCache:
-    """One layer of the peer below: a (B, H, block_size, d) key and value buffer, written at
-    the current position; attention over the filled prefix by the fused kernel."""
-    last_k = last_v = None   # dar.GPT's kv_shift state; the decode models have none
+class StaticCache:
+    """The peer a user would run instead of the two-tier cache: a plain preallocated full
+    cache, as gpt-fast, nanochat and HF's static cache keep it, and nanoGPT's forward over it,
+    written here independently of dar's attention and cache (it reads only the weights of a
+    full-regime dar.GPT)."""
 
-    def __init__(self, shape, dtype, device):
+    def __init__(self, config, batch_size, dtype, device):
+        shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.head_dim)
         self.k, self.v = (torch.zeros(shape, dtype=dtype, device=device) for _ in "kv")
         self.length = 0
 
-    def attend(self, q, k, v):
-        start, end = self.length, self.length + q.size(2)
-        self.k[:, :, start:end], self.v[:, :, start:end] = k, v
+    def reset(self):
+        self.length = 0
+
+    @torch.no_grad()
+    def forward(self, model, idx):
+        """Append idx (B, n) and return the last position's logits (B, 1, vocab_size)."""
+        (B, n), t, C = idx.shape, model.transformer, model.config.n_embd
+        start, end = self.length, self.length + n
+        x = t.wte(idx) + t.wpe(torch.arange(start, end, device=idx.device))
+        causal = None if n == 1 or start == 0 else torch.ones(n, end, dtype=torch.bool, device=idx.device).tril(start)
+        for layer, block in enumerate(t.h):
+            q, k, v = (z.view(B, n, -1, self.k.size(-1)).transpose(1, 2) for z in block.attn.c_attn(block.ln_1(x)).split(C, 2))
+            self.k[layer, :, :, start:end], self.v[layer, :, :, start:end] = k, v
+            y = F.scaled_dot_product_attention(q, self.k[layer, :, :, :end], self.v[layer, :, :, :end],
+                                               attn_mask=causal, is_causal=start == 0 and n > 1)
+            x = x + block.attn.c_proj(y.transpose(1, 2).reshape(B, n, C))
+            x = x + block.mlp(block.ln_2(x))
         self.length = end
-        causal = None if q.size(2) == 1 else torch.ones(q.size(2), end, dtype=torch.bool, device=q.device).tril(start)
-        return F.scaled_dot_product_attention(q, self.k[:, :, :end], self.v[:, :, :end], attn_mask=causal)
-
-
-class StaticCache:
-    """The peer a user would run instead of the two-tier cache: a plain preallocated full
-    cache, as gpt-fast, nanochat and HF's static cache keep it. Written here, independent of
-    dar.KVCache, it plugs into dar.GPT's cached forward (same attribute names)."""
-
-    def __init__(self, config, batch_size, dtype, device):
-        self.batch_size = batch_size
-        shape = (batch_size, config.n_head, config.block_size, config.head_dim)
-        self.layers = [StaticLayerCache(shape, dtype, device) for _ in range(config.n_layer)]
-
-    @property
-    def length(self):
-        return self.layers[0].length
+        return model.lm_head(t.ln_f(x[:, [-1]]))
 
 
 DECODE_HEADERS = ["B", "T", "regime", "ms/step", "vs static", "KV MiB held", "MiB allocated", "KV bytes vs full"]
@@ -201,29 +201,38 @@ def decode_row(r, results):
             f"{allocated:.2f}", f"{r.get('bytes_vs_full', 1.0):.3f}"]
 
 
+def cached_forward(name, models, cache):
+    """idx -> last logits through a cache: the static peer's forward on the full model, or
+    dar.GPT's cached forward."""
+    if name == "static":
+        return lambda idx: cache.forward(models["full"], idx)
+    return lambda idx: models[name](idx, cache=cache)[0]
+
+
 def bench_decode(args):
     """One-token decode step per regime against a plain static full cache, at batch sizes
-    and context lengths; KV bytes held and allocated; batched against sequential samples."""
+    and context lengths; KV bytes held and allocated; time to first token (prefill) at
+    batch 1; batched against sequential samples."""
     device, head_dim = pick_device(args.device), args.n_embd // args.n_head
     ctx, dtype = autocast(device)
-    block_size = max(args.lengths) + args.warmup + args.steps
+    block_size = max(args.lengths + args.prefill_lengths) + args.warmup + args.steps
     configs = regimes(block_size, args.n_head, head_dim, args.window, args.far_dim)
     models = {name: model_for(args, c, block_size).to(device).eval() for name, c in configs.items()}
-    results, rows = [], []
+    new_caches = lambda B: {"static": StaticCache(models["full"].config, B, getattr(torch, dtype), device),
+                            **{name: model.new_cache(B) for name, model in models.items()}}
+    results = []
     for B in args.batch_sizes:
         tokens = torch.randint(args.vocab_size, (B, max(args.lengths)), device=device)
         for T in args.lengths:
-            caches = {"static": StaticCache(models["full"].config, B, getattr(torch, dtype), device)}
-            caches.update({name: model.new_cache(B) for name, model in models.items()})
-            steps = {}
+            caches, steps = new_caches(B), {}
             for name, cache in caches.items():
-                model = models["full" if name == "static" else name]
+                forward = cached_forward(name, models, cache)
                 with torch.no_grad(), ctx:
                     for start in range(0, T, args.prefill_chunk):   # in chunks: bounded memory
-                        model(tokens[:, start:min(T, start + args.prefill_chunk)], cache=cache)
-                def step(model=model, cache=cache):
+                        forward(tokens[:, start:min(T, start + args.prefill_chunk)])
+                def step(forward=forward):
                     with torch.no_grad(), ctx:
-                        model(tokens[:, :1], cache=cache)
+                        forward(tokens[:, :1])
                 steps[name] = step
             held = {name: (c.nbytes, c.allocated_nbytes) for name, c in caches.items() if name != "static"}
             seconds = median_times(steps, args.steps, args.warmup, device)
@@ -240,6 +249,9 @@ def bench_decode(args):
                 results.append(r)
             print(f"B={B} T={T} done", file=sys.stderr, flush=True)
     table = markdown(DECODE_HEADERS, [decode_row(r, results) for r in results])
+    prefill = bench_prefill(args, models, new_caches(1), ctx, device)
+    prefill_table = markdown(["prompt T", "regime", "ms to first token", "vs static"],
+                             [[r["T"], r["regime"], f"{r['ms']:.1f}", f"{r['vs_static']:.2f}"] for r in prefill])
     # several samples of one prompt: one batch (one prefill, rows copied) against one at a time
     model, prompt = models["dar"], torch.randint(args.vocab_size, (1, args.sample_prompt), device=device)
     def sample(batched):
@@ -254,9 +266,31 @@ def bench_decode(args):
     sample_s = median_times({"batched": sample(True), "sequential": sample(False)}, args.sample_repeats, 1, device)
     sample_table = markdown([f"{args.num_samples} samples of {args.sample_tokens} tokens", "seconds", "speed-up"],
                             [[name, f"{s:.2f}", f"{sample_s['sequential'] / s:.2f}x"] for name, s in sample_s.items()])
-    report(args, "decode", [table, sample_table], {"rows": results, "regimes": configs, "block_size": block_size,
-                                                   "sample_seconds": sample_s})
-    plot_decode(results, os.path.join(args.out_dir, "decode.png"))
+    report(args, "decode", [table, "Time to first token (prefill of the whole prompt, batch 1):\n\n" + prefill_table,
+                            sample_table], {"rows": results, "prefill": prefill, "regimes": configs,
+                                            "block_size": block_size, "sample_seconds": sample_s})
+    plot_decode(results, prefill, os.path.join(args.out_dir, "decode.png"))
+
+
+def bench_prefill(args, models, caches, ctx, device):
+    """Time to first token: the whole prompt through an emptied cache in one call, per
+    regime and prompt length, against the static peer."""
+    rows = []
+    for T in args.prefill_lengths:
+        prompt = torch.randint(args.vocab_size, (1, T), device=device)
+        def prefill(name, cache):
+            forward = cached_forward(name, models, cache)
+            def run():
+                with torch.no_grad(), ctx:
+                    cache.reset()
+                    forward(prompt)
+            return run
+        seconds = median_times({name: prefill(name, cache) for name, cache in caches.items()},
+                               args.prefill_repeats, 1, device)
+        rows += [{"T": T, "regime": name, "ms": 1000 * s, "vs_static": s / seconds["static"]}
+                 for name, s in seconds.items()]
+        print(f"prefill T={T} done", file=sys.stderr, flush=True)
+    return rows
 
 
 # ----------------------------------------------------------------------------------------
@@ -366,25 +400,29 @@ def plot_curves(curves, path):
     plt.close(fig)
 
 
-def plot_decode(results, path):
-    """Step time against context length at each batch size, and KV bytes held per sequence."""
+def plot_decode(results, prefill, path):
+    """Decode step time against context length at each batch size, time to first token
+    against prompt length, and KV bytes held per sequence."""
     plt = pyplot()
     if plt is None:
         return
     batch_sizes = sorted({r["B"] for r in results})
-    fig, axes = plt.subplots(1, len(batch_sizes) + 1, figsize=(4.2 * (len(batch_sizes) + 1), 4.6))
+    fig, axes = plt.subplots(1, len(batch_sizes) + 2, figsize=(4.2 * (len(batch_sizes) + 2), 4.6))
     for name, style in (("static", "k--"), ("full", "C0-"), ("dar", "C3-"), ("uniform", "C2-"),
                         ("thin_keys", "C1-"), ("sliding", "C7-"), ("dar latent", "C3:"),
                         ("dar latent n/4", "C4:"), ("uniform latent", "C2:")):
+        label = "static full cache (the peer)" if name == "static" else name
         for ax, B in zip(axes, batch_sizes):
             rows = [r for r in results if r["regime"] == name and r["B"] == B]
-            label = "static full cache (peer)" if name == "static" else name
             ax.plot([r["T"] for r in rows], [r["ms_per_step"] for r in rows], style, marker=".", label=label)
             ax.set(title=f"decode step, batch {B}", xlabel="context length T", ylabel="ms per token step")
+        rows = [r for r in prefill if r["regime"] == name]
+        axes[-2].plot([r["T"] for r in rows], [r["ms"] for r in rows], style, marker="o", label=label)
         if name != "static":   # the peer holds what the full regime holds
             rows = [r for r in results if r["regime"] == name and r["B"] == batch_sizes[0]]
             axes[-1].plot([r["T"] for r in rows], [r["held_bytes"] / r["B"] / 2**20 for r in rows], style,
                           marker=".", label=name)
+    axes[-2].set(title="time to first token, batch 1", xlabel="prompt length T", ylabel="ms (prefill)")
     axes[-1].set(title="KV cache held per sequence", xlabel="context length T", ylabel="MiB")
     fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=5)   # below, clear of the lines
     for ax in axes:
@@ -599,7 +637,11 @@ def main(argv=None):
     decode.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 2048, 4096], help=d)
     decode.add_argument("--steps", type=int, default=40, help="one-token steps timed, variants interleaved " + d)
     decode.add_argument("--warmup", type=int, default=5, help=d)
-    decode.add_argument("--prefill_chunk", type=int, default=512, help=d)
+    decode.add_argument("--prefill_chunk", type=int, default=512, help="the decode rows' contexts are filled "
+                        "in chunks of this many tokens " + d)
+    decode.add_argument("--prefill_lengths", type=int, nargs="+", default=[1024, 4096],
+                        help="prompt lengths for time to first token " + d)
+    decode.add_argument("--prefill_repeats", type=int, default=5, help=d)
     decode.add_argument("--num_samples", type=int, default=8, help="batched against sequential sampling " + d)
     decode.add_argument("--sample_tokens", type=int, default=256, help=d)
     decode.add_argument("--sample_prompt", type=int, default=256, help="prompt tokens " + d)

@@ -354,8 +354,8 @@ def test_the_static_peer_of_bench_decode_matches_the_uncached_forward():
     idx = torch.randint(0, 11, (3, 24))
     cache = bench.StaticCache(model.config, 3, torch.float32, "cpu")
     with torch.no_grad():
-        got = [model(idx[:, :5], cache=cache)[0], model(idx[:, 5:12], cache=cache)[0]]   # chunks
-        got += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(12, 24)]
+        got = [cache.forward(model, idx[:, :5]), cache.forward(model, idx[:, 5:12])]   # chunks
+        got += [cache.forward(model, idx[:, t:t + 1]) for t in range(12, 24)]
         want = [model(idx[:, :t])[0] for t in [5, 12] + list(range(13, 25))]
     torch.testing.assert_close(torch.cat(got, 1), torch.cat(want, 1), atol=1e-5, rtol=1e-5)
 
@@ -363,11 +363,12 @@ def test_the_static_peer_of_bench_decode_matches_the_uncached_forward():
 def test_bench_decode_smoke_bytes_are_the_formula(tmp_path):
     r = call(bench.main, "decode", *TINY_BENCH, "--batch_sizes", "1", "3", "--lengths", "3", "16", "40",
              "--steps", "2", "--warmup", "1", "--prefill_chunk", "7", "--num_samples", "2", "--sample_tokens", "3",
-             "--sample_prompt", "4", "--sample_repeats", "1", "--out_dir", str(tmp_path))
+             "--sample_prompt", "4", "--sample_repeats", "1", "--prefill_lengths", "5", "30", "--prefill_repeats", "1",
+             "--out_dir", str(tmp_path))
     assert r.returncode == 0, r.stderr
     result = json.load(open(tmp_path / "decode.json"))
     rows = result["rows"]
-    assert len(rows) == len(table_rows(r.stdout)) - 2 == 2 * 3 * 9   # (B, T) x (the static peer, 8 regimes)
+    assert len(rows) == 2 * 3 * 9   # (B, T) x (the static peer, 8 regimes)
     assert [row["regime"] for row in rows[:9]] == ["static", "full", "dar", "uniform", "thin_keys", "sliding", "dar latent", "dar latent n/4", "uniform latent"]
     for row in rows:
         assert row["ms_per_step"] > 0
@@ -376,6 +377,9 @@ def test_bench_decode_smoke_bytes_are_the_formula(tmp_path):
             assert row["allocated_bytes"] == row["formula_at_block_bytes"], row
     full = [row for row in rows if row["regime"] == "full"]
     assert all(row["held_bytes"] == row["full_bytes"] for row in full)
+    prefill = result["prefill"]   # time to first token: each prompt length, the peer and every regime
+    assert [(row["T"], row["regime"]) for row in prefill] == [(T, row["regime"]) for T in (5, 30) for row in rows[:9]]
+    assert all(row["ms"] > 0 for row in prefill) and len(table_rows(r.stdout)) == 2 * 3 * 9 + 2 * 9 + 2
     assert set(result["sample_seconds"]) == {"batched", "sequential"}
     assert (tmp_path / "decode.png").exists() or "matplotlib is not installed" in r.stdout   # an optional extra
 
