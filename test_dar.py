@@ -39,7 +39,12 @@ def naive_dar_attention(q, k, v, window, far_k_dim, far_v_dim):
 
 
 def slice_attention(q, k, v, window, far_k_dim, far_v_dim, block=None):
-    return dar.dar_attention(q, k, v, *dar.far_slice(k, v, far_k_dim, far_v_dim), window, block=block)
+    """dar_attention given the slice mode's far keys and values: the first far_k_dim /
+    far_v_dim coordinates, zero-padded (none with far dims 0: a sliding window)."""
+    far_k = torch.cat([k[..., :far_k_dim], torch.zeros_like(k[..., far_k_dim:])], -1)
+    far_v = torch.cat([v[..., :far_v_dim], torch.zeros_like(v[..., far_v_dim:])], -1)
+    sliding = far_k_dim == far_v_dim == 0
+    return dar.dar_attention(q, k, v, None if sliding else far_k, None if sliding else far_v, window, block=block)
 
 
 def naive_two_tier_attention(q, k, v, far_k, far_v, window):
@@ -331,6 +336,51 @@ def test_cache_nbytes_is_the_formula_and_buffers_are_written_in_place(name, kv_s
             assert storage_nbytes(cache) == cache.allocated_nbytes
             assert buffer_addresses(cache) == buffers
             model(idx[:, t:t + 1], cache=cache)
+
+
+def random_case(rng):
+    """A random configuration (regime, far mode, window 0, 1, >= block_size, kv_shift, bias,
+    batch 1-3) and a random schedule: a prompt cut into chunks, then one-token steps."""
+    n_head, head_dim = rng.choice([1, 2, 3]), rng.choice([2, 4, 6])
+    block_size = rng.randint(4, 20)
+    kw = dict(block_size=block_size, n_layer=rng.randint(1, 2), n_head=n_head, n_embd=n_head * head_dim,
+              window=rng.choice([0, 1, 2, rng.randint(0, block_size), block_size, block_size + 3]),
+              kv_shift=rng.random() < 0.5, bias=rng.random() < 0.5)
+    if rng.random() < 0.35:
+        kw.update(far_mode="latent", far_latent_dim=rng.randint(1, kw["n_embd"]))
+    else:
+        kw.update(far_k_dim=rng.randint(0, head_dim), far_v_dim=rng.randint(0, head_dim))
+        if kw["window"] == 0 and kw["far_k_dim"] == kw["far_v_dim"] == 0:
+            kw["far_v_dim"] = head_dim
+    total = rng.randint(1, block_size)
+    prompt, chunks = rng.randint(1, total), []
+    while sum(chunks) < prompt:
+        chunks.append(rng.randint(1, prompt - sum(chunks)))
+    return kw, rng.randint(1, 3), chunks + [1] * (total - prompt)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_cache_matches_uncached_on_random_schedules(seed):
+    """30 random cases a seed: the cached logits of every chunk are the uncached forward's,
+    and the bytes held are the formula, never more than those allocated."""
+    import random
+    rng = random.Random(seed)
+    for case in range(30):
+        kw, B, schedule = random_case(rng)
+        model, _ = make_model(seed=case, **kw)
+        cfg = model.config
+        idx = torch.randint(0, 13, (B, sum(schedule)), generator=torch.Generator().manual_seed(case))
+        want = model(idx, targets=idx)[0]   # causal: position t's logits see tokens <= t only
+        cache, t = model.new_cache(B), 0
+        shift = cfg.n_layer * B * cfg.n_head * 2 * cfg.head_dim * 4 if cfg.kv_shift else 0
+        formula = latent_formula_nbytes if cfg.far_mode == "latent" else formula_nbytes
+        for n in schedule:
+            got = model(idx[:, t:t + n], cache=cache)[0]
+            t += n
+            torch.testing.assert_close(got[:, 0], want[:, t - 1], atol=1e-4, rtol=1e-4, msg=lambda m: f"{kw} B={B} "
+                                       f"{schedule} at {t}: {m}")
+            assert cache.nbytes == formula(cfg, B, t) + shift <= cache.allocated_nbytes, (kw, B, schedule, t)
+        assert cache.allocated_nbytes == formula(cfg, B, cfg.block_size) + shift
 
 
 @pytest.mark.parametrize("name", ["dar", "uniform", "sliding", "full_window"])
