@@ -41,6 +41,12 @@ class GPTConfig:
     kv_shift: bool = False             # KV shifting attention (Xu et al.)
     far_mode: str = "slice"            # what a distant token keeps: "slice" or "latent"
     far_latent_dim: Optional[int] = None   # latent: the bottleneck width r (None: n_embd/4)
+    far_scale: float = 1.0             # far scores are multiplied by this (the paper's formula: 1)
+    learn_far_scale: bool = False      # ... by a learned per-head scale, starting at far_scale
+    rope: bool = False                 # rotary positions on queries and keys instead of wpe
+    rope_base: float = 10000.0
+    rope_prefix: str = "high"          # rope: what a far key's first coordinates hold: the
+                                       # "high"- or "low"-frequency pairs, or "unrotated" ones
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -65,6 +71,14 @@ class GPTConfig:
                     raise ValueError(f"{name}={getattr(self, name)} must be in [{low}, {high}]")
         if self.window == 0 and self.far_k_dim == 0 and self.far_v_dim == 0:
             raise ValueError("window=0 with far_k_dim=0 and far_v_dim=0 leaves nothing to attend to")
+        if self.far_scale <= 0:
+            raise ValueError(f"far_scale={self.far_scale} must be > 0")
+        if self.rope and self.rope_prefix not in ("high", "low", "unrotated"):
+            raise ValueError(f"rope_prefix={self.rope_prefix!r} must be 'high', 'low' or 'unrotated'")
+        if self.rope and (self.head_dim % 2 or (self.far_k_dim or 0) % 2):   # rotary pairs stay whole
+            raise ValueError(f"far_k_dim={self.far_k_dim} and head_dim={self.head_dim} must be even with rope")
+        if self.rope and self.far_mode == "latent" and not self.is_full:
+            raise ValueError("far_mode='latent' with rope: a far key it never builds cannot be rotated (README)")
 
     @property
     def head_dim(self):
@@ -277,6 +291,15 @@ class CausalSelfAttention(nn.Module):
             k_now, v_now = torch.rand(config.n_head), torch.rand(config.n_head)
             self.k_shift_now, self.k_shift_prev = nn.Parameter(k_now), nn.Parameter(1 - k_now)
             self.v_shift_now, self.v_shift_prev = nn.Parameter(v_now), nn.Parameter(1 - v_now)
+        self.far_scale = nn.Parameter(torch.full((config.n_head,), config.far_scale)) if config.learn_far_scale \
+            else config.far_scale
+        self.rope = config.rope
+        if self.rope:   # pair (2i, 2i + 1) turns by p * freqs[i] at position p; the order of the
+            d, kept = self.head_dim, config.far_k_dim if config.far_mode == "slice" else 0   # pairs is
+            freqs = config.rope_base ** -torch.arange(0, d, 2).double().div(d)           # the choice of
+            freqs = {"high": freqs, "low": freqs.flip(0), "unrotated": torch.cat(       # what a prefix keeps
+                [torch.zeros(kept // 2), config.rope_base ** -torch.arange(0, d - kept, 2).double().div(d - kept)])}
+            self.register_buffer("rope_freqs", freqs[config.rope_prefix].float(), persistent=False)
 
     def heads(self, t):   # (B, T, C) -> (B, n_head, T, head_dim)
         return t.view(*t.shape[:2], self.n_head, self.head_dim).transpose(1, 2)
@@ -285,6 +308,15 @@ class CausalSelfAttention(nn.Module):
         """c_attn as per-head views: weight (3, H, d, C) and bias (3, H, d) or None, q k v."""
         w = self.c_attn.weight.view(3, self.n_head, self.head_dim, self.n_embd)
         return w, None if self.c_attn.bias is None else self.c_attn.bias.view(3, self.n_head, self.head_dim)
+
+    def rotate(self, x, start):
+        """RoPE: x (B, H, T, d) at positions start, start + 1, ... turned pair by pair."""
+        angle = torch.arange(start, start + x.size(2), device=x.device).float()[:, None] * self.rope_freqs
+        cos, sin, even, odd = angle.cos(), angle.sin(), x[..., 0::2].float(), x[..., 1::2].float()
+        return torch.stack([even * cos - odd * sin, even * sin + odd * cos], -1).flatten(-2).type_as(x)
+
+    def far_gain(self):   # far scores are multiplied by this: far_scale, learned per head or fixed
+        return self.far_scale.view(1, -1, 1, 1) if isinstance(self.far_scale, nn.Parameter) else self.far_scale
 
     def shift(self, k, v, last_k=None, last_v=None):
         """KV shifting: k^_t = now * k_t + prev * k_{t-1} per head (values alike); k_{-1} is
@@ -299,11 +331,12 @@ class CausalSelfAttention(nn.Module):
         the layer's key and value projections of far_up(latents), shifted as k and v are."""
         if self.far_mode == "slice":   # (with nothing kept, no far tier: a sliding window)
             pad = lambda t, r: F.pad(t[..., :r], (0, self.head_dim - r))
-            return (pad(k, self.far_k_dim), pad(v, self.far_v_dim)) if self.has_far else (None, None)
+            return (pad(k, self.far_k_dim) * self.far_gain(), pad(v, self.far_v_dim)) if self.has_far else (None, None)
         w, b = self.head_weights()
         far = F.linear(self.far_up(latents), w[1:].flatten(0, 2), None if b is None else b[1:].flatten())
         far_k, far_v = (self.heads(t) for t in far.split(self.n_embd, dim=2))
-        return self.shift(far_k, far_v) if self.kv_shift else (far_k, far_v)
+        far_k, far_v = self.shift(far_k, far_v) if self.kv_shift else (far_k, far_v)
+        return far_k * self.far_gain(), far_v
 
     def forward(self, x, cache=None):
         B, T, C = x.size()
@@ -313,6 +346,9 @@ class CausalSelfAttention(nn.Module):
             if cache is not None:   # the next chunk mixes in this chunk's last *raw* key/value
                 cache.last_k, cache.last_v = k[:, :, -1:].clone(), v[:, :, -1:].clone()
             k, v = self.shift(k, v, *last)
+        if self.rope:   # after the shift, as the KV shifting paper orders them; keys cached turned
+            start = 0 if cache is None else cache.length
+            q, k = self.rotate(q, start), self.rotate(k, start)
         latents = self.far_down(x) if self.far_mode == "latent" else None
         if cache is None:
             dropout_p = self.dropout if self.training else 0.0
@@ -341,6 +377,7 @@ class CausalSelfAttention(nn.Module):
             # as (B * H, ., .) views for bmm: a 4-d matmul's reshapes cost more than its arithmetic here
             rk, bh = self.far_k_dim, lambda t: t.flatten(0, 1)
             scores = torch.bmm(bh(q[..., :rk]), bh(cache.far_k[:, :, :T]).mT)
+            scores.view(B, H, 1, T)[..., :T - m] *= self.far_gain()
             scores[..., T - m:] += torch.bmm(bh(q[..., rk:]), bh(local_k).mT).roll(-start, -1)   # to position order
             att = F.softmax(scores, dim=-1)
             y = [torch.bmm(att, bh(cache.far_v[:, :, :T])), torch.bmm(att[..., T - m:].roll(start, -1), bh(local_v))]
@@ -358,7 +395,7 @@ class CausalSelfAttention(nn.Module):
             far = far + (q * key_bias[:, None]).sum(-1, keepdim=True)
         if self.kv_shift:   # far key j is now far_k_j + prev far_k_{j-1}
             far = mix(self.k_shift_now, self.k_shift_prev, far, F.pad(far[..., :-1], (1, 0)))
-        att = F.softmax(torch.cat([far, q @ local_k.mT], -1), dim=-1)
+        att = F.softmax(torch.cat([far * self.far_gain(), q @ local_k.mT], -1), dim=-1)
         far_att = att[..., :T - m]
         if self.kv_shift:   # sum_j a_j (now v_j + prev v_{j-1}) = sum_j (now a_j + prev a_{j+1}) v_j
             far_att = mix(self.v_shift_now, self.v_shift_prev, far_att, F.pad(far_att[..., 1:], (0, 1)))
@@ -400,7 +437,7 @@ class GPT(nn.Module):
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            **({} if config.rope else dict(wpe=nn.Embedding(config.block_size, config.n_embd))),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
@@ -423,7 +460,7 @@ class GPT(nn.Module):
 
     def get_num_params(self, non_embedding=True):
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        return n - self.transformer.wpe.weight.numel() if non_embedding and not self.config.rope else n
 
     def new_cache(self, batch_size):
         return KVCache(self.config, batch_size)
@@ -438,7 +475,8 @@ class GPT(nn.Module):
         if cache is not None and (targets is not None or B != cache.batch_size):
             raise ValueError("a cached forward takes no targets and the cache's batch size")
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x = self.transformer.wte(idx) if self.config.rope else self.transformer.wte(idx) + self.transformer.wpe(pos)
+        x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
             x = block(x, None if cache is None else cache.layers[i])
         x = self.transformer.ln_f(x)
@@ -532,8 +570,8 @@ def convert(model, window, far_k_dim=None, far_v_dim=None, calibration=None, far
             far_latent_dim=None):
     """A copy of a full-dimension model set to the new tiers: rotated per head (slice) or
     given a bottleneck (latent); with calibration token ids (B, T), by PCA on them."""
-    if not model.config.is_full:
-        raise ValueError("convert expects a full-dimension model (far dims = head_dim)")
+    if not model.config.is_full or model.config.rope:   # (rope: rotations of the key space do not commute with it)
+        raise ValueError("convert expects a full-dimension model (far dims = head_dim) without rope")
     config = replace(model.config, window=window, far_k_dim=far_k_dim, far_v_dim=far_v_dim,
                      far_mode=far_mode, far_latent_dim=far_latent_dim)
     param = next(model.parameters())

@@ -17,9 +17,9 @@ torch.set_num_threads(1)   # tiny tensors: threads cost more than they give
 # ----------------------------------------------------------------------------------------
 # Oracles
 
-def naive_dar_attention(q, k, v, window, far_k_dim, far_v_dim):
-    """The DESIGN.md formula, one (query, key) pair at a time. With far dims 0 there is no
-    far tier: a sliding window."""
+def naive_dar_attention(q, k, v, window, far_k_dim, far_v_dim, far_scale=1.0):
+    """The README's formula, one (query, key) pair at a time (far scores times far_scale, a
+    number or one per head). With far dims 0 there is no far tier: a sliding window."""
     B, H, T, d = q.shape
     out = torch.zeros_like(q)
     for i in range(T):
@@ -29,7 +29,7 @@ def naive_dar_attention(q, k, v, window, far_k_dim, far_v_dim):
                 scores.append((q[:, :, i] * k[:, :, j]).sum(-1))
                 values.append(v[:, :, j])
             elif far_k_dim > 0 or far_v_dim > 0:
-                scores.append((q[:, :, i, :far_k_dim] * k[:, :, j, :far_k_dim]).sum(-1))
+                scores.append((q[:, :, i, :far_k_dim] * k[:, :, j, :far_k_dim]).sum(-1) * far_scale)
                 padded = torch.zeros_like(v[:, :, j])
                 padded[..., :far_v_dim] = v[:, :, j, :far_v_dim]
                 values.append(padded)
@@ -45,6 +45,28 @@ def slice_attention(q, k, v, window, far_k_dim, far_v_dim, block=None):
     far_v = torch.cat([v[..., :far_v_dim], torch.zeros_like(v[..., far_v_dim:])], -1)
     sliding = far_k_dim == far_v_dim == 0
     return dar.dar_attention(q, k, v, None if sliding else far_k, None if sliding else far_v, window, block=block)
+
+
+def naive_rotate(x, freqs):
+    """RoPE written out: at position t, coordinates (2i, 2i + 1) of x (B, H, T, d) turned by
+    the angle t * freqs[i]."""
+    out = torch.empty_like(x)
+    for t in range(x.size(2)):
+        for i, f in enumerate(freqs):
+            c, s = math.cos(t * f), math.sin(t * f)
+            out[:, :, t, 2 * i] = x[:, :, t, 2 * i] * c - x[:, :, t, 2 * i + 1] * s
+            out[:, :, t, 2 * i + 1] = x[:, :, t, 2 * i] * s + x[:, :, t, 2 * i + 1] * c
+    return out
+
+
+def rope_frequencies(cfg):
+    """The angle per position of each pair, in the order the far prefix keeps them: the
+    standard base^(-2i/d), highest first; reversed; or far_k_dim unrotated coordinates first,
+    then partial rotary over the rest."""
+    d, r, base = cfg.head_dim, cfg.far_k_dim, cfg.rope_base
+    standard = [base ** (-2 * i / d) for i in range(d // 2)]
+    return {"high": standard, "low": standard[::-1],
+            "unrotated": [0.0] * (r // 2) + [base ** (-2 * i / (d - r)) for i in range((d - r) // 2)]}[cfg.rope_prefix]
 
 
 def naive_two_tier_attention(q, k, v, far_k, far_v, window):
@@ -76,8 +98,9 @@ def nanogpt_state_dict(cfg, std=0.3, seed=0):
     attention is peaked, so a wrong mask shows)."""
     g = torch.Generator().manual_seed(seed)
     C, V = cfg.n_embd, cfg.vocab_size
-    shapes = {"transformer.wte.weight": (V, C), "transformer.wpe.weight": (cfg.block_size, C),
-              "transformer.ln_f.weight": (C,)}
+    shapes = {"transformer.wte.weight": (V, C), "transformer.ln_f.weight": (C,)}
+    if not cfg.rope:
+        shapes["transformer.wpe.weight"] = (cfg.block_size, C)
     for l in range(cfg.n_layer):
         p = f"transformer.h.{l}."
         shapes.update({p + "ln_1.weight": (C,), p + "attn.c_attn.weight": (3 * C, C),
@@ -102,7 +125,7 @@ def naive_gpt(sd, cfg, idx):
     """Logits at every position, computed functionally from a nanoGPT-named state dict."""
     B, T = idx.shape
     C, H, d = cfg.n_embd, cfg.n_head, cfg.head_dim
-    x = sd["transformer.wte.weight"][idx] + sd["transformer.wpe.weight"][:T]
+    x = sd["transformer.wte.weight"][idx] + (0 if cfg.rope else sd["transformer.wpe.weight"][:T])
     for l in range(cfg.n_layer):
         p = f"transformer.h.{l}."
         lin = lambda x, name: F.linear(x, sd[p + name + ".weight"], sd.get(p + name + ".bias"))
@@ -113,15 +136,19 @@ def naive_gpt(sd, cfg, idx):
         if cfg.kv_shift:
             k = naive_shift(k, sd[p + "attn.k_shift_now"], sd[p + "attn.k_shift_prev"])
             v = naive_shift(v, sd[p + "attn.v_shift_now"], sd[p + "attn.v_shift_prev"])
+        if cfg.rope:   # after the shift
+            q, k = naive_rotate(q, rope_frequencies(cfg)), naive_rotate(k, rope_frequencies(cfg))
+        far_scale = sd[p + "attn.far_scale"].view(1, -1) if cfg.learn_far_scale else cfg.far_scale
         if cfg.far_mode == "latent":
             x_far = x_in @ sd[p + "attn.far_down.weight"].T @ sd[p + "attn.far_up.weight"].T
             _, far_k, far_v = (heads(t) for t in lin(x_far, "attn.c_attn").split(C, 2))
             if cfg.kv_shift:   # shifted like the near keys and values
                 far_k = naive_shift(far_k, sd[p + "attn.k_shift_now"], sd[p + "attn.k_shift_prev"])
                 far_v = naive_shift(far_v, sd[p + "attn.v_shift_now"], sd[p + "attn.v_shift_prev"])
-            y = naive_two_tier_attention(q, k, v, far_k, far_v, cfg.window)
+            y = naive_two_tier_attention(q, k, v, far_k * (far_scale.view(1, -1, 1, 1) if cfg.learn_far_scale else far_scale),
+                                         far_v, cfg.window)
         else:
-            y = naive_dar_attention(q, k, v, cfg.window, cfg.far_k_dim, cfg.far_v_dim)
+            y = naive_dar_attention(q, k, v, cfg.window, cfg.far_k_dim, cfg.far_v_dim, far_scale)
         x = x + lin(y.transpose(1, 2).reshape(B, T, C), "attn.c_proj")
         x = x + lin(F.gelu(lin(ln(x, "ln_2"), "mlp.c_fc")), "mlp.c_proj")
     x = F.layer_norm(x, (C,), sd["transformer.ln_f.weight"], sd.get("transformer.ln_f.bias"))
@@ -138,6 +165,9 @@ def make_model(seed=0, **kw):
         for l in range(cfg.n_layer):
             for name in ("k_shift_now", "k_shift_prev", "v_shift_now", "v_shift_prev"):
                 sd[f"transformer.h.{l}.attn.{name}"] = torch.randn(cfg.n_head, generator=g)
+    if cfg.learn_far_scale:
+        for l in range(cfg.n_layer):
+            sd[f"transformer.h.{l}.attn.far_scale"] = 0.5 + torch.rand(cfg.n_head, generator=torch.Generator().manual_seed(seed + 2))
     model = dar.GPT(cfg)
     model.load_state_dict(sd)   # strict: every name and shape must match
     return model.eval(), sd
@@ -340,16 +370,20 @@ def test_cache_nbytes_is_the_formula_and_buffers_are_written_in_place(name, kv_s
 
 def random_case(rng):
     """A random configuration (regime, far mode, window 0, 1, >= block_size, kv_shift, bias,
-    batch 1-3) and a random schedule: a prompt cut into chunks, then one-token steps."""
+    rope, far scale, batch 1-3) and a random schedule: a prompt cut into chunks, then one-token
+    steps."""
     n_head, head_dim = rng.choice([1, 2, 3]), rng.choice([2, 4, 6])
     block_size = rng.randint(4, 20)
     kw = dict(block_size=block_size, n_layer=rng.randint(1, 2), n_head=n_head, n_embd=n_head * head_dim,
               window=rng.choice([0, 1, 2, rng.randint(0, block_size), block_size, block_size + 3]),
               kv_shift=rng.random() < 0.5, bias=rng.random() < 0.5)
+    kw.update(far_scale=rng.choice([1.0, 1.0, 2.0, 0.7]), learn_far_scale=rng.random() < 0.2)
     if rng.random() < 0.35:
         kw.update(far_mode="latent", far_latent_dim=rng.randint(1, kw["n_embd"]))
     else:
         kw.update(far_k_dim=rng.randint(0, head_dim), far_v_dim=rng.randint(0, head_dim))
+        if rng.random() < 0.4:   # rotary positions: whole pairs in the far prefix
+            kw.update(rope=True, rope_prefix=rng.choice(["high", "low", "unrotated"]), far_k_dim=kw["far_k_dim"] // 2 * 2)
         if kw["window"] == 0 and kw["far_k_dim"] == kw["far_v_dim"] == 0:
             kw["far_v_dim"] = head_dim
     total = rng.randint(1, block_size)
@@ -728,3 +762,64 @@ def test_latent_defaults_to_a_quarter_of_n_embd():
     cfg = dar.GPTConfig(far_mode="latent")
     assert cfg.far_latent_dim == cfg.n_embd // 4 and cfg.far_k_dim is None and not cfg.is_full
     assert dar.GPTConfig(far_mode="latent", window=cfg.block_size).is_full
+
+
+# ----------------------------------------------------------------------------------------
+# Rotary positions and the far scale
+
+@pytest.mark.parametrize("prefix", ["high", "low", "unrotated"])
+@pytest.mark.parametrize("name", ["dar", "far_k0", "thin_keys", "uniform", "sliding", "full_window"])
+@pytest.mark.parametrize("kv_shift", [False, True])
+def test_rope_model_matches_naive_rotated_gpt(prefix, name, kv_shift):
+    window, far_k_dim, far_v_dim = REGIMES[name]
+    model, sd = make_model(window=window, far_k_dim=far_k_dim, far_v_dim=far_v_dim, kv_shift=kv_shift,
+                           rope=True, rope_prefix=prefix, rope_base=100.0)
+    assert "transformer.wpe.weight" not in model.state_dict()   # positions come from the rotation
+    idx = torch.randint(0, 13, (2, 11), generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(model(idx, targets=idx)[0], naive_gpt(sd, model.config, idx), atol=1e-4, rtol=1e-4)
+    assert_cache_matches_uncached(model, 7)
+
+
+def test_rope_prefix_choices_compute_different_things():
+    """The oracle comparisons mean something only if the prefix choices (and the base of
+    the frequencies) change what the model computes."""
+    idx = torch.randint(0, 13, (2, 11), generator=torch.Generator().manual_seed(4))
+    logits = {(p, base): make_model(window=3, far_k_dim=4, far_v_dim=4, rope=True, rope_prefix=p, rope_base=base)[0](
+              idx, targets=idx)[0] for p in ("high", "low", "unrotated") for base in (100.0, 10000.0)}
+    for a, b in [(("high", 100.0), ("low", 100.0)), (("low", 100.0), ("unrotated", 100.0)), (("high", 100.0), ("high", 10000.0))]:
+        assert (logits[a] - logits[b]).abs().max() > 1e-2, (a, b)
+
+
+@pytest.mark.parametrize("learn", [False, True])
+@pytest.mark.parametrize("far_mode", ["slice", "latent"])
+def test_far_scale_multiplies_far_scores(learn, far_mode):
+    dims = dict(far_mode="latent", far_latent_dim=6) if far_mode == "latent" else dict(far_k_dim=2, far_v_dim=3)
+    model, sd = make_model(window=3, far_scale=2.0, learn_far_scale=learn, kv_shift=True, **dims)
+    idx = torch.randint(0, 13, (2, 11), generator=torch.Generator().manual_seed(4))
+    logits = model(idx, targets=idx)[0]
+    torch.testing.assert_close(logits, naive_gpt(sd, model.config, idx), atol=1e-4, rtol=1e-4)
+    assert (logits - make_model(window=3, kv_shift=True, **dims)[0](idx, targets=idx)[0]).abs().max() > 1e-2
+    assert_cache_matches_uncached(model, 7)
+    if learn:
+        model.train()
+        model(idx, targets=idx)[1].backward()
+        assert model.transformer.h[0].attn.far_scale.grad.abs().min() > 0
+
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(rope=True, far_k_dim=3), "far_k_dim"),
+    (dict(rope=True, n_embd=18, n_head=2, far_k_dim=2), "head_dim"),
+    (dict(rope=True, far_mode="latent"), "latent"),
+    (dict(rope=True, rope_prefix="middle"), "rope_prefix"),
+    (dict(far_scale=0.0), "far_scale"),
+])
+def test_invalid_rope_and_far_scale_settings_raise(kw, field):
+    with pytest.raises(ValueError, match=field):
+        dar.GPTConfig(**kw)
+
+
+def test_convert_refuses_a_rope_model():
+    """An orthogonal rotation of the key space does not commute with the rotary embedding."""
+    model, _ = make_model(window=32, rope=True)
+    with pytest.raises(ValueError, match="rope"):
+        dar.convert(model, 3, 2, 2)
