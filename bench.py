@@ -66,7 +66,9 @@ def far_tier(regime):
 
 
 def flags(regime):
-    return [str(x) for name, value in regime.items() for x in (f"--{name}", value)]
+    """GPTConfig fields as train.py flags: --name value, or --name / --no-name for a bool."""
+    return [x for name, value in regime.items() for x in
+            ([f"--{name}" if value else f"--no-{name}"] if isinstance(value, bool) else [f"--{name}", str(value)])]
 
 
 def kv_ratio(T, regime, n_embd, n_head):

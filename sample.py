@@ -26,14 +26,14 @@ CHECKPOINT_FORMAT = "dar-1"
 
 
 def pick_device(name="auto"):
+    """auto: cuda, then mps, then cpu; else the device named, checked with one tensor."""
+    available = ["cpu"] + ["cuda"] * torch.cuda.is_available() + ["mps"] * torch.backends.mps.is_available()
     if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        return "mps" if torch.backends.mps.is_available() else "cpu"
+        return "cuda" if "cuda" in available else "mps" if "mps" in available else "cpu"
     try:
         torch.empty(0, device=name)
-    except (RuntimeError, AssertionError) as e:
-        raise ValueError(f"device {name!r} is not usable here ({str(e).splitlines()[0]})")
+    except (RuntimeError, AssertionError, ValueError):   # PyTorch's own message can run to 1,500 characters
+        raise ValueError(f"device {name!r} is not available on this machine (available: {', '.join(available)})") from None
     return name
 
 
@@ -147,26 +147,35 @@ def read_prompt(prompt):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", help="checkpoint file (default: OUT_DIR/ckpt_best.pt, else ckpt_last.pt)")
-    p.add_argument("--out_dir", default="out", help="training output folder (default: %(default)s)")
-    p.add_argument("--prompt", default="\n", help="text, FILE:path, or - for stdin (default: a newline)")
-    p.add_argument("--num_samples", type=int, default=1, help="(default: %(default)s)")
-    p.add_argument("--max_new_tokens", type=int, default=500, help="(default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=0.8, help="(default: %(default)s)")
-    p.add_argument("--top_k", type=int, default=200, help="1 is greedy (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=1337, help="(default: %(default)s)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default: %(default)s)")
+    d = "(default: %(default)s)"
+    p.add_argument("--ckpt", help="a checkpoint file (default: OUT_DIR/ckpt_best.pt, else OUT_DIR/ckpt_last.pt)")
+    p.add_argument("--out_dir", default="out", help="the training run's output folder " + d)
+    p.add_argument("--prompt", default="\n", help="the text to continue: text, FILE:path, or - for stdin "
+                                                  "(default: a newline)")
+    p.add_argument("--num_samples", type=int, default=1, help="continuations of the prompt, decoded as one batch " + d)
+    p.add_argument("--max_new_tokens", type=int, default=500, help="tokens generated per sample " + d)
+    p.add_argument("--temperature", type=float, default=0.8, help="divides the logits: lower is more "
+                                                                   "conservative, > 0 " + d)
+    p.add_argument("--top_k", type=int, default=200, help="sample among the k likeliest tokens; 1 is greedy " + d)
+    p.add_argument("--seed", type=int, default=1337, help="seed of the sampling " + d)
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps " + d)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="(default: auto: bfloat16 on CUDA where supported, else float32)")
-    p.add_argument("--no_cache", action="store_true", help="recompute the context every step instead")
+                   help="auto: bfloat16 on CUDA where supported, else float32 " + d)
+    p.add_argument("--no_cache", action="store_true", help="recompute the whole context every step (nanoGPT's "
+                                                           "loop) instead of the two-tier cache")
     args = p.parse_args(argv)
     try:
-        if args.num_samples < 1 or args.max_new_tokens < 1 or args.temperature <= 0 or args.top_k < 1:
-            raise ValueError("num_samples, max_new_tokens, top_k must be >= 1 and temperature > 0")
+        for name, ok, rule in (("num_samples", args.num_samples >= 1, ">= 1"), ("max_new_tokens", args.max_new_tokens >= 1, ">= 1"),
+                               ("temperature", args.temperature > 0, "> 0 (for greedy decoding use --top_k 1)"),
+                               ("top_k", args.top_k >= 1, ">= 1")):
+            if not ok:
+                raise ValueError(f"--{name} {getattr(args, name)}: must be {rule}")
+        device = pick_device(args.device)
         path = args.ckpt or os.path.join(args.out_dir, "ckpt_best.pt")
         if not args.ckpt and not os.path.exists(path):
             path = os.path.join(args.out_dir, "ckpt_last.pt")
-        device = pick_device(args.device)
+            if not os.path.exists(path):
+                raise ValueError(f"no checkpoint in {args.out_dir} (neither ckpt_best.pt nor ckpt_last.pt)")
         ckpt = load_checkpoint(path, device)
         model, tokenizer = model_from_checkpoint(ckpt, device), Tokenizer(ckpt["tokenizer"])
         prompt = read_prompt(args.prompt)

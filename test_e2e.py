@@ -217,7 +217,7 @@ def test_latent_far_mode_trains_samples_and_converts(corpus, tmp_path):
 
 
 def test_convert_has_a_fine_tune_schedule_that_flags_override():
-    cfg = train.settings({"init_from": "convert", "learning_rate": 5e-4}, "cpu")
+    cfg = train.settings({"init_from": "convert", "convert_from": "full.pt", "learning_rate": 5e-4}, "cpu")
     assert (cfg.learning_rate, cfg.min_lr, cfg.warmup_iters) == (5e-4, train.CONVERT_DEFAULTS["min_lr"], 0)
     scratch = train.settings({}, "cpu")
     assert (scratch.learning_rate, scratch.warmup_iters) == (train.TrainConfig.learning_rate, train.TrainConfig.warmup_iters)
@@ -302,6 +302,86 @@ def test_bad_input_gets_one_clear_line(corpus, trained, tmp_path):
     fails_cleanly(call(train.main, "--dataset", str(broken), *TINY), "token ids >= vocab_size")
     (broken / "meta.json").write_text("{not json")
     fails_cleanly(call(train.main, "--dataset", str(broken), *TINY), "meta.json")
+
+
+def test_cli_rough_edges_get_their_own_line(corpus, trained, tmp_path):
+    _, _, dataset = corpus
+    out, _ = trained
+    fails_cleanly(call(train.main, "--dataset", dataset, "--init_from", "convert"),
+                  "--init_from convert needs --convert_from PATH")
+    fails_cleanly(call(sample.main, "--out_dir", str(tmp_path / "nope")), "neither ckpt_best.pt nor ckpt_last.pt")
+    for device in ("mps", "cuda:7"):   # PyTorch's own message lists every backend: not that
+        r = call(sample.main, "--out_dir", out, "--device", device)
+        fails_cleanly(r, f"device '{device}' is not available on this machine (available: cpu")
+        assert len(r.stderr) < 120, r.stderr
+    for flag, value, rule in (("--num_samples", "0", ">= 1"), ("--max_new_tokens", "-3", ">= 1"),
+                              ("--temperature", "0", "> 0"), ("--top_k", "0", ">= 1")):
+        fails_cleanly(call(sample.main, "--out_dir", out, flag, value), f"{flag} {float(value) if flag == '--temperature' else value}: must be {rule}")
+
+
+def test_help_gives_each_flag_a_meaning_and_its_choices():
+    for main, script in ((train.main, "train.py"), (sample.main, "sample.py")):
+        r = call(main, "--help")
+        assert r.returncode == 0
+        flags = [line.split()[0] for line in r.stdout.split("options:")[1].splitlines() if line.startswith("  --")]
+        assert len(flags) > (40 if script == "train.py" else 10)
+        for flag in flags:   # the text after the flag (on its line or the next) says more than its default
+            block = r.stdout.split(flag, 2)[-1].split("\n  --")[0]
+            assert len(block.replace("default", "").split()) > 4, (script, flag, block)
+    r = call(train.main, "--help")
+    assert "--init_from {scratch,resume,convert}" in r.stdout and "--far_mode {slice,latent}" in r.stdout
+    assert "--rope_prefix {high,low,unrotated}" in r.stdout
+    assert train.TrainConfig.__dataclass_fields__["far_mode"].type.__args__ == ("slice", "latent")
+
+
+def test_eta_counts_recent_iterations_and_the_evaluations_left(corpus, tmp_path, monkeypatch):
+    """A clock that moves 1 s per training batch and 100 s per evaluation: at iteration 5 of 20
+    (evaluations at 0 and 20) the estimate is 15 iterations of 1 s and one evaluation of 100 s,
+    not the average since the start, which counts the first evaluation as training."""
+    _, _, dataset = corpus
+    clock = [0.0]
+    monkeypatch.setattr(train.time, "time", lambda: clock[0])
+    get_batch, estimate_loss = train.get_batch, train.estimate_loss
+    def batch(data, split, *a):
+        clock[0] += 1.0 if split == "train" else 0.0
+        return get_batch(data, split, *a)
+    def evaluate(*a):   # 100 s, whatever batches it reads
+        start = clock[0]
+        losses = estimate_loss(*a)
+        clock[0] = start + 100.0
+        return losses
+    monkeypatch.setattr(train, "get_batch", batch)
+    monkeypatch.setattr(train, "estimate_loss", evaluate)
+    r = call(train.main, "--dataset", dataset, "--out_dir", str(tmp_path), "--max_iters", "20", "--eval_interval", "100",
+             "--log_interval", "5", *TINY[:-8], "--sample_tokens", "0", "--device", "cpu")
+    line = next(l for l in r.stdout.splitlines() if l.startswith("iter 5/20"))
+    assert "1000 ms/iter" in line and "1m55s left" in line, line   # 15 * 1 s + 100 s
+    assert train.evaluations_left(5, train.TrainConfig(max_iters=20, eval_interval=100)) == 1
+    assert train.evaluations_left(5, train.TrainConfig(max_iters=25, eval_interval=10)) == 3   # 10, 20, 25
+    assert train.evaluations_left(10, train.TrainConfig(max_iters=20, eval_interval=10)) == 1
+
+
+def test_a_kill_between_evaluations_loses_at_most_ckpt_interval(corpus, tmp_path, monkeypatch):
+    """Interrupted at iteration 7 with checkpoints every 5 (evaluations only at 0 and 10), a
+    run resumes from 5 and ends with the very weights of a run that was never stopped."""
+    _, _, dataset = corpus
+    common = ["--dataset", dataset, "--max_iters", "10", "--eval_interval", "100", "--ckpt_interval", "5", *TINY]
+    call(train.main, "--out_dir", str(tmp_path / "a"), *common)
+    lr_at = train.lr_at
+    def interrupt(it, cfg):
+        if it == 7:
+            raise KeyboardInterrupt
+        return lr_at(it, cfg)
+    monkeypatch.setattr(train, "lr_at", interrupt)
+    r = call(train.main, "--out_dir", str(tmp_path / "b"), *common)
+    assert r.returncode != 0 and "interrupted at iter 7" in r.stderr
+    assert torch.load(tmp_path / "b" / "ckpt_last.pt", weights_only=True)["iter_num"] == 5
+    monkeypatch.setattr(train, "lr_at", lr_at)
+    r = call(train.main, "--out_dir", str(tmp_path / "b"), "--init_from", "resume")
+    assert "from iter 5" in r.stdout
+    a, b = (torch.load(tmp_path / d / "ckpt_last.pt", weights_only=True) for d in ("a", "b"))
+    assert a["iter_num"] == b["iter_num"] == 10
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path):

@@ -20,7 +20,8 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal, get_args, get_origin
 
 import numpy as np
 import torch
@@ -36,57 +37,70 @@ from sample import CHECKPOINT_FORMAT, autocast, cache_report, generate_samples, 
 DEFAULT_DATASET = "shakespeare_char"
 
 
+def setting(default, meaning):
+    """A TrainConfig field: its default, and its meaning for --help."""
+    return field(default=default, metadata={"help": meaning})
+
+
 @dataclass
 class TrainConfig:
     # data and output
-    dataset: str = DEFAULT_DATASET   # a folder under data/ (or a path) with train.bin, val.bin, meta.json
-    out_dir: str = "out"             # checkpoints: ckpt_last.pt, ckpt_best.pt
-    init_from: str = "scratch"       # scratch | resume (OUT_DIR/ckpt_last.pt) | convert
-    convert_from: str = ""           # for convert: a full-dimension checkpoint, ours or nanoGPT's
-    calibration_seqs: int = 0        # for convert: 0 rotates by the weights' SVD, N > 0 by PCA of
-                                     # keys/values on N training sequences (data-aware)
+    dataset: str = setting(DEFAULT_DATASET, "a folder under data/ (or a path) holding train.bin, val.bin, meta.json")
+    out_dir: str = setting("out", "where checkpoints (ckpt_last.pt, ckpt_best.pt) and eval_log.jsonl go")
+    init_from: Literal["scratch", "resume", "convert"] = setting(
+        "scratch", "a new model; continue OUT_DIR/ckpt_last.pt; or convert --convert_from to this DAR setting")
+    convert_from: str = setting("", "convert: a full-dimension checkpoint, ours or nanoGPT's")
+    calibration_seqs: int = setting(0, "convert: 0 rotates by the weights' SVD, N > 0 by PCA on N training sequences")
     # model (ignored by resume and convert, which take the checkpoint's)
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    block_size: int = 128
-    dropout: float = 0.0
-    bias: bool = False
-    window: int = 32                 # DAR: tokens at distance < window keep full dimensions
-    far_k_dim: int = 8               # key coordinates kept beyond the window
-    far_v_dim: int = 8               # value coordinates kept beyond the window
-    kv_shift: bool = False
-    far_mode: str = "slice"          # what a distant token keeps: slice (far_k_dim, far_v_dim
-                                     # leading coordinates) or latent (a learned bottleneck)
-    far_latent_dim: int = 0          # latent: the bottleneck width r; 0: n_embd // 4
+    n_layer: int = setting(4, "transformer blocks")
+    n_head: int = setting(4, "attention heads per block")
+    n_embd: int = setting(128, "model width (head_dim = n_embd / n_head)")
+    block_size: int = setting(128, "the longest context, in tokens")
+    dropout: float = setting(0.0, "dropout probability while training")
+    bias: bool = setting(False, "biases in the linear layers and LayerNorms")
+    window: int = setting(32, "DAR: tokens at distance < window keep full dimensions (>= block_size: full attention)")
+    far_mode: Literal["slice", "latent"] = setting(
+        "slice", "what a distant token keeps: its first far_k_dim / far_v_dim coordinates, or a learned latent")
+    far_k_dim: int = setting(8, "slice: key coordinates kept beyond the window")
+    far_v_dim: int = setting(8, "slice: value coordinates kept beyond the window")
+    far_latent_dim: int = setting(0, "latent: the bottleneck width r; 0: n_embd / 4")
+    far_scale: float = setting(1.0, "far scores are multiplied by this (the paper's formula: 1)")
+    learn_far_scale: bool = setting(False, "learn the far scale per head, starting at far_scale")
+    kv_shift: bool = setting(False, "KV shifting: each key and value a learned mix with the previous token's")
+    rope: bool = setting(False, "rotary positions on queries and keys instead of learned position embeddings")
+    rope_base: float = setting(10000.0, "rope: the base of the rotary frequencies")
+    rope_prefix: Literal["high", "low", "unrotated"] = setting(
+        "high", "rope: what a far key's first coordinates hold: high- or low-frequency pairs, or unrotated ones")
     # optimisation
-    batch_size: int = 12
-    gradient_accumulation_steps: int = 1
-    max_iters: int = 1250
-    learning_rate: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_iters: int = 50
-    lr_decay_iters: int = 0          # cosine decay ends here; 0: max_iters
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0           # 0: off
-    # evaluation, logging, the closing sample
-    eval_interval: int = 250
-    eval_iters: int = 20
-    log_interval: int = 10
-    sample_tokens: int = 300         # sample printed at the end from the best checkpoint; 0: none
+    batch_size: int = setting(12, "sequences per micro-step")
+    gradient_accumulation_steps: int = setting(1, "micro-steps per iteration (split among DDP processes)")
+    max_iters: int = setting(1250, "training iterations")
+    learning_rate: float = setting(1e-3, "peak learning rate (AdamW)")
+    min_lr: float = setting(1e-4, "learning rate at the end of the cosine decay")
+    warmup_iters: int = setting(50, "iterations of linear warm-up")
+    lr_decay_iters: int = setting(0, "the cosine decay ends here; 0: max_iters")
+    weight_decay: float = setting(0.1, "AdamW weight decay, on matrices only")
+    beta1: float = setting(0.9, "AdamW beta1")
+    beta2: float = setting(0.99, "AdamW beta2")
+    grad_clip: float = setting(1.0, "clip the gradient norm to this; 0: off")
+    # evaluation, checkpoints, logging, the closing sample
+    eval_interval: int = setting(250, "evaluate (and save ckpt_last.pt, ckpt_best.pt) every this many iterations")
+    eval_iters: int = setting(20, "batches per split in an evaluation")
+    ckpt_interval: int = setting(100, "also save ckpt_last.pt every this many iterations (a kill loses fewer)")
+    log_interval: int = setting(10, "print a progress line every this many iterations")
+    sample_tokens: int = setting(300, "tokens sampled from the best checkpoint at the end; 0: none")
     # system
-    device: str = "auto"             # auto: cuda, then mps, then cpu
-    dtype: str = "auto"              # auto: bfloat16 on CUDA where supported, else float16; cpu float32
-    compile: bool = False            # torch.compile the model
-    seed: int = 1337
+    device: str = setting("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting(
+        "auto", "auto: bfloat16 on CUDA where supported, else float16; float32 elsewhere")
+    compile: bool = setting(False, "torch.compile the model")
+    seed: int = setting(1337, "seed of the weights, the batches and dropout")
 
 
 # On a CUDA GPU the defaults grow to about nanoGPT's baby Shakespeare model.
 CUDA_DEFAULTS = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, window=64,
                      far_k_dim=16, far_v_dim=16, batch_size=64, max_iters=5000, warmup_iters=100,
-                     eval_iters=200)
+                     eval_iters=200, ckpt_interval=500)
 
 
 # --init_from convert fine-tunes a trained model: a from-scratch schedule (warm-up to 1e-3)
@@ -101,16 +115,15 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(TrainConfig):
-        cuda = f" (CUDA: {CUDA_DEFAULTS[f.name]})" if f.name in CUDA_DEFAULTS else ""
-        convert = f" (convert: {CONVERT_DEFAULTS[f.name]})" if f.name in CONVERT_DEFAULTS else ""
-        help = f"default: {f.default!r}{cuda}{convert}"
+        defaults = [f"default: {f.default!r}"] + [f"{name}: {table[f.name]!r}" for name, table in
+                                                  (("CUDA", CUDA_DEFAULTS), ("convert", CONVERT_DEFAULTS)) if f.name in table]
+        help = f"{f.metadata['help']} ({'; '.join(defaults)})"
         if f.type is bool:
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=help)
+        elif get_origin(f.type) is Literal:   # the choices are the field's type
+            p.add_argument(f"--{f.name}", choices=get_args(f.type), help=help)
         else:
-            p.add_argument(f"--{f.name}", type=f.type, help=help, metavar=f.type.__name__.upper(),
-                           choices={"init_from": ["scratch", "resume", "convert"],
-                                    "dtype": ["auto", "float32", "bfloat16", "float16"],
-                                    "far_mode": ["slice", "latent"]}.get(f.name))
+            p.add_argument(f"--{f.name}", type=f.type, help=help, metavar=f.type.__name__.upper())
     return vars(p.parse_args(argv))
 
 
@@ -126,11 +139,14 @@ def settings(given, device, resumed=None):
         if given.get("init_from") == "convert":
             base.update(CONVERT_DEFAULTS)
     cfg = TrainConfig(**{**base, **given})
-    for name in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
+    for name in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "ckpt_interval",
+                 "log_interval"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name}={getattr(cfg, name)} must be at least 1")
     if cfg.max_iters < 0 or cfg.learning_rate <= 0 or cfg.min_lr < 0:
         raise ValueError("max_iters must be >= 0, learning_rate > 0 and min_lr >= 0")
+    if cfg.init_from == "convert" and not cfg.convert_from:
+        raise ValueError("--init_from convert needs --convert_from PATH: a full-dimension checkpoint, ours or nanoGPT's")
     other_mode = ("far_k_dim", "far_v_dim") if cfg.far_mode == "latent" else ("far_latent_dim",)
     for name in other_mode:
         if name in given:
@@ -266,8 +282,8 @@ def build_model(cfg, data, tokenizer, device, resumed):
             calibration = get_batch(data, "train", sizes, np.random.default_rng([cfg.seed, 1 << 31]), device)[0]
         return dar.convert(full, cfg.window, calibration=calibration, **far_settings(cfg)).train()
     config = dar.GPTConfig(vocab_size=tokenizer.vocab_size, **far_settings(cfg), **{
-        f: getattr(cfg, f) for f in ("n_layer", "n_head", "n_embd", "block_size", "dropout",
-                                     "bias", "window", "kv_shift")})
+        f: getattr(cfg, f) for f in ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "window",
+                                     "kv_shift", "far_scale", "learn_far_scale", "rope", "rope_base", "rope_prefix")})
     return dar.GPT(config).to(device)
 
 
@@ -309,7 +325,7 @@ def evaluate_and_save(model, optimizer, data, cfg, tokenizer, state, device, ctx
     if not all(math.isfinite(v) for v in losses.values()):
         raise FloatingPointError(f"evaluation loss is {losses['val']} at iter {state['iter_num']}")
     best = losses["val"] < state["best_val_loss"]
-    state["best_val_loss"] = min(state["best_val_loss"], losses["val"])
+    state["best_val_loss"], state["val_loss"] = min(state["best_val_loss"], losses["val"]), losses["val"]
     for name in ["last"] + (["best"] if best else []):
         save_checkpoint(os.path.join(cfg.out_dir, f"ckpt_{name}.pt"), model, optimizer, cfg, tokenizer,
                         state["iter_num"], state["best_val_loss"], losses["val"])
@@ -320,23 +336,41 @@ def evaluate_and_save(model, optimizer, data, cfg, tokenizer, state, device, ctx
           f"{' (best, saved)' if best else ''}", flush=True)
 
 
+def save_between_evaluations(model, optimizer, cfg, tokenizer, state):
+    """ckpt_last.pt between evaluations (its val_loss is the last evaluation's), while the
+    weights are finite: a checkpoint is never worse than the one it replaces."""
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise FloatingPointError(f"the weights are not finite at iter {state['iter_num']}")
+    save_checkpoint(os.path.join(cfg.out_dir, "ckpt_last.pt"), model, optimizer, cfg, tokenizer,
+                    state["iter_num"], state["best_val_loss"], state["val_loss"])
+
+
+def evaluations_left(it, cfg):
+    """Evaluations still to come once `it` iterations are done: multiples of eval_interval
+    after `it`, and the last iteration."""
+    return cfg.max_iters // cfg.eval_interval - it // cfg.eval_interval + (cfg.max_iters % cfg.eval_interval > 0)
+
+
 def train(model, optimizer, data, cfg, tokenizer, state, device, ctx, dtype, ddp):
-    """Runs iterations state['iter_num'] .. max_iters, evaluating and checkpointing on the
-    master every eval_interval iterations and at the end."""
+    """Runs iterations state['iter_num'] .. max_iters; on the master, evaluates and saves
+    every eval_interval iterations and at the end, saves ckpt_last.pt every ckpt_interval."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     train_model = torch.compile(model) if cfg.compile else model
     if ddp:
         train_model = DDP(train_model, device_ids=[torch.device(device).index] if "cuda" in device else None)
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=dtype == "float16")
     tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * world
-    start_iter, t_start, t_last = state["iter_num"], time.time(), time.time()
+    start_iter, t_last, per_iter, eval_seconds = state["iter_num"], time.time(), None, 0.0
     while True:
         it = state["iter_num"]
-        evaluated = it == start_iter and it > 0   # a resumed run: done before it stopped
-        if rank == 0 and (it % cfg.eval_interval == 0 or it == cfg.max_iters) and not evaluated:
-            t_eval = time.time()
-            evaluate_and_save(model, optimizer, data, cfg, tokenizer, state, device, ctx)
-            t_last += time.time() - t_eval   # ms/iter and tok/s count training only
+        if rank == 0 and not (it == start_iter and it > 0):   # (a resumed run saved this iteration)
+            t_save = time.time()
+            if it % cfg.eval_interval == 0 or it == cfg.max_iters:
+                evaluate_and_save(model, optimizer, data, cfg, tokenizer, state, device, ctx)
+                eval_seconds = time.time() - t_save
+            elif it % cfg.ckpt_interval == 0:
+                save_between_evaluations(model, optimizer, cfg, tokenizer, state)
+            t_last += time.time() - t_save   # ms/iter and tok/s count training only
         if it >= cfg.max_iters:
             return
         for group in optimizer.param_groups:
@@ -362,10 +396,11 @@ def train(model, optimizer, data, cfg, tokenizer, state, device, ctx, dtype, ddp
         state["iter_num"] = it + 1
         if rank == 0 and (it + 1) % cfg.log_interval == 0:
             now = time.time()
-            per_iter = (now - t_last) / cfg.log_interval
-            left = (now - t_start) / (it + 1 - start_iter) * (cfg.max_iters - it - 1)
+            recent = (now - t_last) / min(cfg.log_interval, it + 1 - start_iter)
+            per_iter = recent if per_iter is None else 0.5 * per_iter + 0.5 * recent   # recent iterations weigh most
+            left = per_iter * (cfg.max_iters - it - 1) + eval_seconds * evaluations_left(it + 1, cfg)
             print(f"iter {it + 1}/{cfg.max_iters}: loss {loss_sum:.4f}, lr {lr_at(it, cfg):.2e}, "
-                  f"{per_iter * 1000:.0f} ms/iter, {tokens_per_iter / per_iter:,.0f} tok/s, "
+                  f"{recent * 1000:.0f} ms/iter, {tokens_per_iter / recent:,.0f} tok/s, "
                   f"{format_time(left)} left", flush=True)
             t_last = now
 
@@ -415,10 +450,10 @@ def setup(argv):
         raise ValueError(f"the checkpoint's tokenizer does not match dataset {cfg.dataset}")
     model = build_model(cfg, data, tokenizer, device, resumed)
     optimizer = configure_optimizer(model, cfg, device)
-    state = {"iter_num": 0, "best_val_loss": float("inf")}
+    state = {"iter_num": 0, "best_val_loss": float("inf"), "val_loss": None}
     if resumed is not None:
         optimizer.load_state_dict(resumed["optimizer"])
-        state = {"iter_num": resumed["iter_num"], "best_val_loss": resumed["best_val_loss"]}
+        state = {key: resumed[key] for key in ("iter_num", "best_val_loss", "val_loss")}
         torch.set_rng_state(resumed["rng_state"].cpu())
     return cfg, device, data, tokenizer, model, optimizer, state, ddp, master
 
