@@ -11,6 +11,7 @@ table and writes its raw numbers as JSON to --out_dir.
                               number of key-value pairs grows (data/recall.py)
     python bench.py capacity  recall beyond the window as far keys, far values or both shrink,
                               over numbers of pairs and seeds: how many far dimensions a fact needs
+    python bench.py tiers     a picture of what the two-tier cache holds (README's first picture)
 
 Sizes are flags, so the same commands scale up on a GPU; `--quick` runs quality, recall and
 capacity in minutes. With matplotlib installed (an optional extra) decode, quality and
@@ -44,7 +45,7 @@ def latent(window, far_latent_dim):
 
 
 def regimes(block_size, n_head, head_dim, window, far_dim):
-    """name -> GPTConfig fields: the family of DESIGN.md at one model size, then the latent
+    """name -> GPTConfig fields: the regimes of README.md at one model size, then the latent
     far tier at the slice's far bytes per token (r = n_head * 2 * far_dim) and at the
     paper's n_embd / 4, and with no window (uniform latent: MLA-like)."""
     same_bytes = min(n_head * 2 * far_dim, n_head * head_dim)
@@ -72,7 +73,7 @@ def flags(regime):
 
 
 def kv_ratio(T, regime, n_embd, n_head):
-    """KV bytes per token at context length T, relative to a full cache: DESIGN.md's
+    """KV bytes per token at context length T, relative to a full cache: the README's
     formula; latent: the window's keys and values, and a latent for every token (README)."""
     W = regime["window"]
     if regime.get("far_mode") == "latent":
@@ -295,6 +296,54 @@ def bench_prefill(args, models, caches, ctx, device):
     return rows
 
 
+def bench_tiers(args):
+    """What the two-tier cache holds, drawn: for a filled context, which coordinates of each
+    token's key and value are kept (read from the cache's buffers), and the bytes."""
+    config = dar.GPTConfig(vocab_size=args.vocab_size, block_size=args.block_size, n_layer=1, n_head=1,
+                           n_embd=args.head_dim, window=args.window, far_k_dim=args.far_dim, far_v_dim=args.far_dim)
+    model, cache = dar.GPT(config).eval(), dar.KVCache(config, 1)
+    with torch.no_grad():
+        model(torch.randint(args.vocab_size, (1, args.block_size)), cache=cache)
+    layer, T = cache.layers[0], cache.length
+    held = {}   # (coordinate, position) -> 1 in the store every token writes on arrival, 2 in the ring, 0 not kept
+    for name, kept, rest in (("key", layer.far_k, layer.local_k), ("value", layer.far_v, layer.local_v)):
+        grid = np.zeros((args.head_dim, T))
+        grid[:kept.size(-1), :] = 1
+        grid[kept.size(-1):, T - rest.size(2):] = 2
+        held[name] = grid
+    ratio = cache.nbytes / cache.full_nbytes
+    summary = {"T": T, "window": args.window, "head_dim": args.head_dim, "far_dim": args.far_dim,
+               "held_bytes": cache.nbytes, "full_bytes": cache.full_nbytes, "ratio": ratio}
+    report(args, "tiers", [markdown(["T", "window", "head_dim", "far dims", "bytes held / full cache"],
+                                    [[T, args.window, args.head_dim, args.far_dim, f"{ratio:.3f}"]])], summary)
+    plot_tiers(held, summary, os.path.join(args.out_dir, "tiers.png"))
+
+
+def plot_tiers(held, s, path):
+    plt = pyplot()
+    if plt is None:
+        return
+    from matplotlib.colors import ListedColormap
+    fig, axes = plt.subplots(2, 1, figsize=(8.4, 4.6), sharex=True)
+    colors = ListedColormap(["#f2f2f2", "#7fa7d9", "#d9534f"])   # not kept, kept at any distance, the window's
+    T, W, r, d = s["T"], s["window"], s["far_dim"], s["head_dim"]
+    for ax, (name, grid) in zip(axes, held.items()):
+        ax.imshow(grid, aspect="auto", cmap=colors, vmin=0, vmax=2, interpolation="nearest")
+        ax.set_ylabel(f"{name}\ncoordinate")
+        ax.set_yticks([0, r, d - 1], [0, r, d - 1])
+        ax.axvline(T - W - 0.5, color="k", linewidth=1)
+        far = f"score q[:{r}] . k[:{r}]" if name == "key" else f"value [v[:{r}], 0, ..., 0]"
+        ax.text((T - W) / 2, (r + d) / 2, f"far tier: not kept; the {far}", ha="center", va="center")
+        ax.text(T - W / 2 - 0.5, (r + d) / 2, "local tier:\nwhole", ha="center", va="center", color="w")
+    axes[-1].set_xlabel(f"token position (the newest, {T - 1}, is the query's; the line is the window's edge)")
+    axes[0].set_title(f"One head's cache at {T} tokens: every token's first {r} of {d} coordinates, written on arrival "
+                      f"(blue),\nthe last {W} tokens' other {d - r} in a ring (red): {s['held_bytes'] / 2**10:.1f} KiB, "
+                      f"{s['ratio']:.3f}x a full cache's {s['full_bytes'] / 2**10:.1f} KiB", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 # ----------------------------------------------------------------------------------------
 
 def train_run(args, out_dir, *flags):
@@ -317,37 +366,54 @@ def selected(variants, only):
     return {name: v for name, v in variants.items() if not only or name in only}
 
 
+def quality_variants(args, configs):
+    """name -> (GPTConfig fields, kv_shift): the regimes, DAR with kv_shift, DAR's far bytes
+    split as a quarter for keys and three quarters for values ("k<v"), and rotary positions."""
+    far = configs["dar"]["far_k_dim"]
+    k_lt_v = {**configs["dar"], "far_k_dim": far // 2, "far_v_dim": 3 * far // 2}
+    rope = lambda regime, prefix: {**regime, "rope": True, "rope_prefix": prefix}
+    variants = {name: (regime, False) for name, regime in configs.items()}
+    variants.update({"dar+kv_shift": (configs["dar"], True), "dar k<v": (k_lt_v, False),
+                     "full rope": (rope(configs["full"], "high"), False),
+                     "dar k<v rope unrotated": (rope(k_lt_v, "unrotated"), False)})
+    return selected(variants, args.only)
+
+
 def bench_quality(args):
-    """Each regime trained with the same seed, data order and budget; then conversions."""
+    """Each regime trained with the same data order and budget, on each seed; then the
+    conversions of the first seed's full model."""
     if args.quick:
         for name, value in QUICK.items():
             setattr(args, name, value)
     head_dim = args.n_embd // args.n_head
-    far = args.far_dim or head_dim // 4
-    configs = regimes(args.block_size, args.n_head, head_dim, args.window, far)
-    variants = {name: (regime, False) for name, regime in configs.items()}
-    variants["dar+kv_shift"] = (configs["dar"], True)
-    variants = selected(variants, args.only)
+    configs = regimes(args.block_size, args.n_head, head_dim, args.window, args.far_dim or head_dim // 4)
+    variants, seeds = quality_variants(args, configs), [args.seed + i for i in range(args.seeds)]
     schedule = ["--max_iters", args.max_iters, "--eval_interval", args.eval_interval,
                 "--warmup_iters", args.warmup_iters, "--learning_rate", args.learning_rate]
-    curves = {}
-    for name, (regime, kv_shift) in variants.items():
-        curves[name] = train_run(args, os.path.join(args.out_dir, "quality", folder_name(name)),
-                                 *schedule, *flags(regime), "--kv_shift" if kv_shift else "--no-kv_shift")
-    final = {name: curve[-1][1] for name, curve in curves.items()}
-    vs_full = lambda name: f"{100 * (final[name] / final['full'] - 1):+.2f}%" if "full" in final else "-"
-    rows = [[name, regime["window"], far_tier(regime), "yes" if shift else "no", f"{final[name]:.4f}", vs_full(name),
-             f"{kv_ratio(args.block_size, regime, args.n_embd, args.n_head):.3f}"]
+    curves = {name: [] for name in variants}   # one curve per seed
+    for args.seed in seeds:
+        for name, (regime, kv_shift) in variants.items():
+            folder = folder_name(name if args.seed == seeds[0] else f"{name} seed {args.seed}")
+            curves[name].append(train_run(args, os.path.join(args.out_dir, "quality", folder), *schedule,
+                                          *flags(regime), "--kv_shift" if kv_shift else "--no-kv_shift"))
+    args.seed = seeds[0]
+    final = {name: [curve[-1][1] for curve in runs] for name, runs in curves.items()}
+    median = {name: statistics.median(losses) for name, losses in final.items()}
+    spread = lambda name: f" ({min(final[name]):.4f}-{max(final[name]):.4f})" if len(seeds) > 1 else ""
+    vs_full = lambda name: f"{100 * (median[name] / median['full'] - 1):+.2f}%" if "full" in median else "-"
+    rows = [[name, regime["window"], far_tier(regime), "yes" if shift else "no", f"{median[name]:.4f}{spread(name)}",
+             vs_full(name), f"{kv_ratio(args.block_size, regime, args.n_embd, args.n_head):.3f}"]
             for name, (regime, shift) in variants.items()]
-    variant_table = markdown(["regime", "window", "far tier", "kv_shift", "final val loss",
+    variant_table = markdown(["regime", "window", "far tier", "kv_shift", f"final val loss ({len(seeds)} seeds: median, range)",
                               "vs full", f"KV bytes/token at T={args.block_size} vs full"], rows)
-    first = next(iter(curves.values()))
-    curve_table = markdown(["iter"] + list(curves),
-                           [[it] + [f"{curves[n][i][1]:.4f}" for n in curves] for i, (it, _) in enumerate(first)])
+    first = {name: runs[0] for name, runs in curves.items()}   # the first seed's curves
+    curve_table = markdown(["iter"] + list(first), [[it] + [f"{first[n][i][1]:.4f}" for n in first]
+                                                   for i, (it, _) in enumerate(next(iter(first.values())))])
     conversions = convert_and_fine_tune(args, configs) if "full" in curves else ("(no conversions: full not run)", {})
-    report(args, "quality", [variant_table, "val loss during training:\n\n" + curve_table, conversions[0]],
-           {"variants": variants, "curves": curves, "final_val_loss": final, "conversion": conversions[1]})
-    plot_curves(curves, os.path.join(args.out_dir, "quality.png"))
+    report(args, "quality", [variant_table, f"val loss during training (seed {seeds[0]}):\n\n" + curve_table,
+                             conversions[0]], {"variants": variants, "seeds": seeds, "curves": curves,
+                                               "final_val_loss": final, "conversion": conversions[1]})
+    plot_curves(first, os.path.join(args.out_dir, "quality.png"))
 
 
 def convert_and_fine_tune(args, configs):
@@ -383,20 +449,24 @@ def pyplot():
 
 
 def plot_curves(curves, path):
-    """Val loss against iteration, one line per regime, from the first evaluation after init."""
+    """Val loss against iteration, one line per regime, from the first evaluation after init;
+    the legend beside the axes, clear of the data."""
     plt = pyplot()
     if plt is None:
         return
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    colors = {}   # a latent regime in its slice counterpart's colour, dashed (dotted at r = n_embd / 4)
+    fig, ax = plt.subplots(figsize=(8.4, 4.2))
+    colors = {}   # a latent regime in its slice counterpart's colour, dashed with squares (dotted at r = n_embd / 4)
     for name, curve in curves.items():
-        base = name.split(" latent")[0]
+        base = name.split(" latent")[0].replace(" rope", "")
         color = colors.setdefault(base, f"C{len(colors)}")
-        style = "-" if "latent" not in name else ":" if name.endswith("n/4") else "--"
-        ax.plot(*zip(*curve[1:]), marker=".", color=color, linestyle=style, label=name)
+        latent, rope = "latent" in name, "rope" in name
+        style = ":" if name.endswith("n/4") else "--" if latent else "-."if rope else "-"
+        ax.plot(*zip(*curve[1:]), marker="s" if latent else "^" if rope else ".", markersize=4, color=color,
+                linestyle=style, label=name)
     ax.set(title="validation loss while training (lower is better)", xlabel="iteration", ylabel="val loss")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8,
+              title="solid: slice far tier\ndashed, squares: latent\ndash-dot, triangles: rope", title_fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -427,10 +497,12 @@ def plot_decode(results, prefill, path):
     axes[-2].set(title="time to first token, batch 1", xlabel="prompt length T", ylabel="ms (prefill)")
     axes[-1].set(title="KV cache held per sequence", xlabel="context length T", ylabel="MiB")
     fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=5)   # below, clear of the lines
+    fig.text(0.5, 0.005, "the peer: a plain preallocated full cache (as gpt-fast and nanochat keep one) with nanoGPT's "
+             "forward, written in bench.py apart from dar.py; lower is better", ha="center", fontsize=8)
     for ax in axes:
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-    fig.tight_layout(rect=(0, 0.14, 1, 1))
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -480,42 +552,71 @@ def recall_run(args, name, pairs, regime, folder="recall"):
 
 
 def recall_regimes(args):
-    """The regimes of the recall table: far dims head_dim / 4 and / 8, and the latent far
-    tier at the bytes of each (r = n_head * 2 * far dims)."""
+    """The rows of the recall table. Learned positions: far dims head_dim / 4, split evenly
+    and as hd/8 for keys, 3hd/8 for values (the same bytes: "k<v"); head_dim / 8; the
+    baselines; the latent far tier at the bytes of each (r = n_head * 2 * far dims). Then
+    rotary positions: each prefix choice, and the baselines."""
     hd, W, H = args.n_embd // args.n_head, args.window, args.n_head
-    return {"full": sliced(args.block_size, hd, hd), "dar hd/4": sliced(W, hd // 4, hd // 4),
+    k_lt_v = sliced(W, hd // 8, 3 * hd // 8)
+    rope = lambda regime, prefix="high": {**regime, "rope": True, "rope_prefix": prefix}
+    return {"full": sliced(args.block_size, hd, hd), "dar hd/4": sliced(W, hd // 4, hd // 4), "dar hd/4 k<v": k_lt_v,
             "dar hd/8": sliced(W, hd // 8, hd // 8), "uniform hd/4": sliced(0, hd // 4, hd // 4),
             "thin_keys": sliced(0, hd // 4, hd), "sliding": sliced(W, 0, 0),
             "dar latent as hd/4": latent(W, H * hd // 2), "dar latent as hd/8": latent(W, H * hd // 4),
-            "uniform latent as hd/4": latent(0, H * hd // 2)}
+            "uniform latent as hd/4": latent(0, H * hd // 2),
+            "full rope": rope(sliced(args.block_size, hd, hd)),
+            **{f"dar hd/4 k<v rope {p}": rope(k_lt_v, p) for p in ("high", "low", "unrotated")},
+            "dar hd/4 rope unrotated": rope(sliced(W, hd // 4, hd // 4), "unrotated"),
+            "uniform hd/4 rope": rope(sliced(0, hd // 4, hd // 4)), "sliding rope": rope(sliced(W, 0, 0))}
+
+
+def seeds_cell(accuracies, bucket):
+    """The median over seeds, and the lowest and highest seed: '97.5% (12-100)'."""
+    values = [100 * a[bucket][0] for a in accuracies if a[bucket][0] is not None]
+    if not values:
+        return "-"
+    spread = f" ({min(values):.0f}-{max(values):.0f})" if len(values) > 1 else ""
+    return f"{statistics.median(values):.1f}%{spread}"
+
+
+def learned_count(accuracies, reference):
+    """'k/n': the seeds whose accuracy on all answers reaches 90% of the reference's median
+    (full attention with the same kind of positions), or 90% without one."""
+    target = 0.9 * (statistics.median(a["all"][0] for a in reference) if reference else 1.0)
+    return f"{sum(a['all'][0] >= target for a in accuracies)}/{len(accuracies)}"
 
 
 def bench_recall(args):
-    """Recall accuracy by distance bucket per regime; then as pairs grow, for the sweep regimes
-    (with full among them, a budget too small for many pairs is told apart from too few far dims)."""
+    """Recall accuracy per regime over seeds (median, spread, how many seeds learned), by
+    distance from the query to its pair; optionally as the number of pairs grows."""
     if args.quick:
         for name, value in RECALL_QUICK.items():
             setattr(args, name, value)
-    variants = selected(recall_regimes(args), args.only)
+    variants, seeds = selected(recall_regimes(args), args.only), [args.seed + i for i in range(args.seeds)]
     buckets = ["all", "inside window", "1-2x window", "farther"]
-    cell = lambda acc: "-" if acc[0] is None else f"{100 * acc[0]:.1f}%"
-    results, rows = {}, []
-    for name, regime in variants.items():
-        results[name] = recall_run(args, name, args.pairs, regime)
-        rows.append([name, regime["window"], far_tier(regime)] + [cell(results[name][b]) for b in buckets])
-    counts = {b: next(iter(results.values()))[b][1] for b in buckets}
-    variant_table = markdown(["regime", "window", "far tier"] + [f"{b} ({counts[b]})" for b in buckets], rows)
-    sweep, rows = {name: {} for name in args.sweep_regimes if name in variants}, []
-    for pairs in args.sweep_pairs:
-        for name in sweep:
-            sweep[name][pairs] = results[name] if pairs == args.pairs else recall_run(
-                args, name, pairs, variants[name])
-            rows.append([pairs, name] + [cell(sweep[name][pairs][b]) for b in buckets])
-    sweep_table = markdown(["pairs", "regime"] + buckets, rows)
+    def runs(name, regime, pairs):   # one recall_run per seed
+        results = []
+        for args.seed in seeds:
+            results.append(recall_run(args, f"{name} seed {args.seed}" if len(seeds) > 1 else name, pairs, regime))
+        args.seed = seeds[0]
+        return results
+    results = {name: runs(name, regime, args.pairs) for name, regime in variants.items()}
+    reference = lambda name: results.get("full rope" if "rope" in name else "full")
+    rows = [[name, regime["window"], far_tier(regime)] + [seeds_cell(results[name], b) for b in buckets]
+            + [learned_count(results[name], reference(name))] for name, regime in variants.items()]
+    counts = {b: next(iter(results.values()))[0][b][1] for b in buckets}
+    variant_table = markdown(["regime", "window", "far tier"] + [f"{b} ({counts[b]})" for b in buckets]
+                             + ["seeds learned"], rows)
+    sweep = {name: {pairs: results[name] if pairs == args.pairs else runs(name, variants[name], pairs)
+                    for pairs in args.sweep_pairs} for name in args.sweep_regimes if name in variants}
+    sweep_table = markdown(["pairs", "regime"] + buckets, [[pairs, name] + [seeds_cell(sweep[name][pairs], b) for b in buckets]
+                                                           for pairs in args.sweep_pairs for name in sweep])
     shift = "with" if args.kv_shift else "without"
-    report(args, "recall", [f"{args.pairs} pairs per sequence, {shift} kv_shift, answers counted per bucket "
-                            "in brackets:\n\n" + variant_table, "As pairs grow:\n\n" + sweep_table],
-           {"variants": variants, "kv_shift": args.kv_shift, "accuracy": results,
+    report(args, "recall", [f"{args.pairs} pairs per sequence, {shift} kv_shift, {len(seeds)} seeds ({seeds[0]}...): the "
+                            "median (lowest-highest seed); answers per bucket in brackets; 'learned': all answers at "
+                            "90% of full attention's median or more:\n\n" + variant_table]
+           + (["As pairs grow:\n\n" + sweep_table] if sweep else []),
+           {"variants": variants, "kv_shift": args.kv_shift, "seeds": seeds, "accuracy": results,
             "sweep": {name: {str(k): v for k, v in by_pairs.items()} for name, by_pairs in sweep.items()}})
 
 
@@ -578,14 +679,16 @@ def smallest_dim(accuracy, series, pairs, learnt):
 
 
 def plot_capacity(cells, accuracy, pairs_list, head_dim, path):
-    """Accuracy beyond the window against far dimension, one line per number of pairs; the
-    rightmost point (head_dim) is full attention, the dotted line the sliding window."""
+    """Accuracy beyond the window against far dimension, one line per number of pairs (the
+    median over seeds, bars from the lowest seed to the highest); the rightmost point (head_dim)
+    is full attention, the dotted line of the same colour the sliding window."""
     plt = pyplot()
     if plt is None:
         return
-    fig, axes = plt.subplots(1, 3, figsize=(12.6, 3.9), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(12.6, 4.4), sharey=True)
     titles = {"keys": "far keys reduced (values full)", "values": "far values reduced (keys full)",
               "tied": "both reduced (DAR)"}
+    n_seeds = len(next(iter(accuracy["full"].values())))
     for ax, (series, title) in zip(axes, titles.items()):
         dims = sorted(int(name.split()[1]) for name in cells if name.startswith(series + " "))
         for i, pairs in enumerate(pairs_list):
@@ -593,15 +696,18 @@ def plot_capacity(cells, accuracy, pairs_list, head_dim, path):
             med = [100 * statistics.median(a) for a in runs]
             err = [[m - 100 * min(a) for m, a in zip(med, runs)], [100 * max(a) - m for m, a in zip(med, runs)]]
             ax.errorbar(dims + [head_dim], med, yerr=err, marker="o", color=f"C{i}", capsize=3, label=f"{pairs} pairs")
-            ax.axhline(100 * statistics.median(accuracy["sliding"][pairs]), color=f"C{i}", linestyle=":", alpha=0.7)
+            ax.axhline(100 * statistics.median(accuracy["sliding"][pairs]), color=f"C{i}", linestyle=":", alpha=0.8,
+                       label=f"{pairs} pairs, sliding window")
         ax.set_xscale("log", base=2)
         ax.set_xticks(dims + [head_dim], [str(r) for r in dims] + [f"{head_dim}\n(full)"])
         ax.minorticks_off()
         ax.set(title=title, xlabel="far dimension")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy beyond the window, %")
-    axes[0].legend(title="dotted: sliding window")
-    fig.tight_layout()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(pairs_list), fontsize=8)
+    fig.text(0.5, 0.01, f"points: the median over {n_seeds} seeds; bars: the lowest and highest seed; dotted: a sliding "
+             "window (no far tier) at that many pairs", ha="center", fontsize=8)
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -609,14 +715,20 @@ def plot_capacity(cells, accuracy, pairs_list, head_dim, path):
 QUICK = dict(n_layer=2, n_head=4, n_embd=64, block_size=128, window=16, far_dim=4, batch_size=8,
              max_iters=300, eval_interval=50, warmup_iters=20, finetune_iters=50)
 CAPACITY_QUICK = dict(pairs=[4, 16], dims=[2, 8], tied_dims=[4], seeds=1)
-RECALL_QUICK = dict(block_size=64, window=8, max_iters=600, eval_interval=200, train_seqs=5000, val_seqs=200,
-                    sweep_pairs=[4, 8])
+RECALL_QUICK = dict(block_size=64, window=8, max_iters=600, eval_interval=200, train_seqs=5000, val_seqs=200)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     d = "(default: %(default)s)"
+    tiers = sub.add_parser("tiers", help=bench_tiers.__doc__)
+    tiers.add_argument("--block_size", type=int, default=96, help="tokens in the context drawn " + d)
+    tiers.add_argument("--window", type=int, default=16, help=d)
+    tiers.add_argument("--head_dim", type=int, default=32, help=d)
+    tiers.add_argument("--far_dim", type=int, default=8, help="far_k_dim = far_v_dim " + d)
+    tiers.add_argument("--vocab_size", type=int, default=65, help=d)
+    tiers.add_argument("--out_dir", default="bench_out", help=d)
     for name, size in (("speed", (4, 4, 128, 16, 64, 8)), ("decode", (4, 4, 256, None, 128, 16)),
                        ("quality", (4, 4, 128, 8, 32, 0)), ("recall", (2, 2, 64, 32, 16, 0)),
                        ("capacity", (1, 2, 64, 32, 12, None))):
@@ -665,14 +777,15 @@ def main(argv=None):
     quality.add_argument("--finetune_lr", type=float, default=3e-4, help=d)
     quality.add_argument("--calibration_seqs", type=int, default=16, help="PCA conversion's batch " + d)
     quality.add_argument("--quick", action="store_true", help=f"a small run in minutes: {QUICK}")
+    quality.add_argument("--seeds", type=int, default=1, help="runs per regime: seeds --seed, --seed + 1, ... " + d)
     for s in (quality, recall):
         s.add_argument("--only", nargs="+", help="train only these regimes (default: all; quality converts "
                                                  "only when full is among them)")
     recall.add_argument("--pairs", type=int, default=8, help="pairs per sequence for the regimes " + d)
-    recall.add_argument("--sweep_pairs", type=int, nargs="+", default=[4, 8, 16], help=d)
-    recall.add_argument("--sweep_regimes", nargs="+", default=["full", "dar hd/8"], help=d,
-                        choices=["full", "dar hd/4", "dar hd/8", "uniform hd/4", "thin_keys", "sliding",
-                                 "dar latent as hd/4", "dar latent as hd/8", "uniform latent as hd/4"])
+    recall.add_argument("--seeds", type=int, default=3, help="runs per regime: seeds --seed, --seed + 1, ... " + d)
+    recall.add_argument("--sweep_pairs", type=int, nargs="*", default=[],
+                        help="also run the sweep regimes at these numbers of pairs (default: none)")
+    recall.add_argument("--sweep_regimes", nargs="+", default=["full", "dar hd/8"], help=d)
     for s, val_seqs in ((recall, 500), (capacity, 200)):
         s.add_argument("--kv_shift", action=argparse.BooleanOptionalAction, default=True,
                        help="in every regime: one layer can then match a key and copy the token after it; "

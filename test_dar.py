@@ -1,5 +1,5 @@
 """Tests for dar.py. Each checks the model against an oracle written here: a naive DAR
-attention straight from the formula in DESIGN.md, a functional GPT forward that reads a
+attention straight from the formula in README.md, a functional GPT forward that reads a
 nanoGPT-named state dict, the uncached forward for the cache, the original model for a
 conversion."""
 
@@ -192,7 +192,7 @@ def assert_cache_matches_uncached(model, prompt_len):
     assert cache.length == 20
 
 
-# (window, far_k_dim, far_v_dim) with head_dim 8: every regime of DESIGN.md and the edges
+# (window, far_k_dim, far_v_dim) with head_dim 8: every regime of README.md and the edges
 REGIMES = {
     "dar": (3, 2, 2),
     "window1": (1, 2, 2),

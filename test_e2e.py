@@ -466,25 +466,29 @@ def test_bench_decode_smoke_bytes_are_the_formula(tmp_path):
 
 def test_bench_quality_smoke(corpus, tmp_path):
     _, _, dataset = corpus
-    r = call(bench.main, "quality", *TINY_BENCH, "--dataset", dataset, "--block_size", "32", "--batch_size", "4",
-             "--max_iters", "4", "--eval_interval", "2", "--eval_iters", "1", "--warmup_iters", "1",
+    r = call(bench.main, "quality", *TINY_BENCH, "--far_dim", "4", "--dataset", dataset, "--block_size", "32",
+             "--batch_size", "4", "--max_iters", "4", "--eval_interval", "2", "--eval_iters", "1", "--warmup_iters", "1",
              "--finetune_iters", "2", "--calibration_seqs", "2", "--out_dir", str(tmp_path))
     assert r.returncode == 0, r.stderr
     result = json.load(open(tmp_path / "quality.json"))
-    variants = ["full", "dar", "uniform", "thin_keys", "sliding", "dar latent", "dar latent n/4", "uniform latent", "dar+kv_shift"]
-    assert list(result["final_val_loss"]) == variants
-    assert all([it for it, _ in result["curves"][v]] == [0, 2, 4] for v in variants)
+    variants = ["full", "dar", "uniform", "thin_keys", "sliding", "dar latent", "dar latent n/4", "uniform latent",
+                "dar+kv_shift", "dar k<v", "full rope", "dar k<v rope unrotated"]
+    assert list(result["final_val_loss"]) == variants and result["seeds"] == [1337]
+    assert all([it for it, _ in result["curves"][v][0]] == [0, 2, 4] for v in variants)
+    assert result["variants"]["dar k<v rope unrotated"][0] == dict(window=4, far_k_dim=2, far_v_dim=6, rope=True,
+                                                                   rope_prefix="unrotated")
     assert set(result["conversion"]) == {f"{target}/{axes}" for target in ("dar", "uniform", "dar latent")
                                          for axes in ("weight SVD", "PCA")}
     assert all(set(c) == {"zero_shot", "fine_tuned"} for c in result["conversion"].values())
-    assert [row.split("|")[1].strip() for row in table_rows(r.stdout)][:9] == variants
+    assert [row.split("|")[1].strip() for row in table_rows(r.stdout)][:len(variants)] == variants
     assert (tmp_path / "quality.png").exists() or "matplotlib is not installed" in r.stdout   # an optional extra
     only = call(bench.main, "quality", *TINY_BENCH, "--dataset", dataset, "--block_size", "32", "--batch_size", "4",
-                "--max_iters", "2", "--eval_interval", "2", "--eval_iters", "1", "--finetune_iters", "2",
+                "--max_iters", "2", "--eval_interval", "2", "--eval_iters", "1", "--finetune_iters", "2", "--seeds", "2",
                 "--warmup_iters", "1", "--only", "full", "dar latent", "--out_dir", str(tmp_path / "only"))
     assert only.returncode == 0, only.stderr
     result = json.load(open(tmp_path / "only" / "quality.json"))
-    assert list(result["final_val_loss"]) == ["full", "dar latent"]
+    assert list(result["final_val_loss"]) == ["full", "dar latent"] and result["seeds"] == [1337, 1338]
+    assert all(len(losses) == 2 for losses in result["final_val_loss"].values())   # one per seed
     assert set(result["conversion"]) == {"dar latent/weight SVD", "dar latent/PCA"}
     fails_cleanly(call(bench.main, "quality", "--only", "dar_latent"), "--only ['dar_latent']")
 
@@ -557,23 +561,36 @@ def test_recall_accuracy_by_bucket_is_exact():
 
 
 def test_bench_recall_smoke(tmp_path):
-    r = call(bench.main, "recall", "--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--window", "4",
+    only = ["full", "dar hd/8", "full rope", "dar hd/4 k<v rope unrotated"]
+    r = call(bench.main, "recall", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--window", "4",
              "--block_size", "32", "--batch_size", "4", "--max_iters", "2", "--eval_interval", "2",
-             "--eval_iters", "1", "--warmup_iters", "1", "--pairs", "2", "--sweep_pairs", "2", "3",
-             "--train_seqs", "20", "--val_seqs", "4", "--device", "cpu", "--out_dir", str(tmp_path))
+             "--eval_iters", "1", "--warmup_iters", "1", "--pairs", "2", "--sweep_pairs", "2", "3", "--seeds", "2",
+             "--train_seqs", "20", "--val_seqs", "4", "--device", "cpu", "--out_dir", str(tmp_path), "--only", *only)
     assert r.returncode == 0, r.stderr
     result = json.load(open(tmp_path / "recall.json"))
-    assert list(result["accuracy"]) == ["full", "dar hd/4", "dar hd/8", "uniform hd/4", "thin_keys", "sliding",
-                                        "dar latent as hd/4", "dar latent as hd/8", "uniform latent as hd/4"]
+    assert list(result["accuracy"]) == only and result["seeds"] == [1337, 1338]
+    assert all(len(runs) == 2 for runs in result["accuracy"].values())   # one accuracy per seed
+    assert result["variants"]["dar hd/4 k<v rope unrotated"] == dict(window=4, far_k_dim=2, far_v_dim=6, rope=True,
+                                                                      rope_prefix="unrotated")
     assert result["kv_shift"] is True
     assert list(result["sweep"]) == ["full", "dar hd/8"] and all(set(s) == {"2", "3"} for s in result["sweep"].values())
-    assert result["sweep"]["full"]["2"] == result["accuracy"]["full"]   # pairs == --pairs: the table's run
-    sweep = [accuracy for by_pairs in result["sweep"].values() for accuracy in by_pairs.values()]
-    for accuracy in list(result["accuracy"].values()) + sweep:
-        assert set(accuracy) == {"all", "inside window", "1-2x window", "farther", "beyond window"}
-        assert accuracy["all"][1] == sum(accuracy[b][1] for b in ("inside window", "1-2x window", "farther"))
-        assert accuracy["beyond window"][1] == accuracy["all"][1] - accuracy["inside window"][1]
-    assert len(table_rows(r.stdout)) == 9 + 2 * 2   # the regimes, then each (pairs, sweep regime)
+    assert result["sweep"]["full"]["2"] == result["accuracy"]["full"]   # pairs == --pairs: the table's runs
+    for runs in list(result["accuracy"].values()) + [a for by_pairs in result["sweep"].values() for a in by_pairs.values()]:
+        for accuracy in runs:
+            assert set(accuracy) == {"all", "inside window", "1-2x window", "farther", "beyond window"}
+            assert accuracy["all"][1] == sum(accuracy[b][1] for b in ("inside window", "1-2x window", "farther"))
+            assert accuracy["beyond window"][1] == accuracy["all"][1] - accuracy["inside window"][1]
+    rows = table_rows(r.stdout)
+    assert len(rows) == 4 + 2 * 2 and all(row.rstrip(" |").split("|")[-1].strip() in ("0/2", "1/2", "2/2") for row in rows[:4])
+    names = list(bench.recall_regimes(bench.argparse.Namespace(n_embd=64, n_head=2, window=16, block_size=128)))
+    assert names[:3] == ["full", "dar hd/4", "dar hd/4 k<v"] and "sliding rope" in names and len(names) == 17
+
+
+def test_seeds_learned_against_full_attention():
+    accuracy = lambda a: {"all": (a, 10)}
+    full = [accuracy(1.0), accuracy(0.9), accuracy(1.0)]
+    assert bench.learned_count([accuracy(0.95), accuracy(0.89), accuracy(0.2)], full) == "1/3"   # 90% of 1.0
+    assert bench.learned_count([accuracy(0.95)], None) == "1/1" and bench.seeds_cell(full, "all") == "100.0% (90-100)"
 
 
 def test_bench_capacity_smoke(tmp_path, monkeypatch):
