@@ -41,8 +41,6 @@ class GPTConfig:
     kv_shift: bool = False             # KV shifting attention (Xu et al.)
     far_mode: str = "slice"            # what a distant token keeps: "slice" or "latent"
     far_latent_dim: Optional[int] = None   # latent: the bottleneck width r (None: n_embd/4)
-    far_scale: float = 1.0             # far scores are multiplied by this (the paper's formula: 1)
-    learn_far_scale: bool = False      # ... by a learned per-head scale, starting at far_scale
     rope: bool = False                 # rotary positions on queries and keys instead of wpe
     rope_base: float = 10000.0
     rope_prefix: str = "high"          # rope: what a far key's first coordinates hold: the
@@ -71,8 +69,6 @@ class GPTConfig:
                     raise ValueError(f"{name}={getattr(self, name)} must be in [{low}, {high}]")
         if self.window == 0 and self.far_k_dim == 0 and self.far_v_dim == 0:
             raise ValueError("window=0 with far_k_dim=0 and far_v_dim=0 leaves nothing to attend to")
-        if self.far_scale <= 0:
-            raise ValueError(f"far_scale={self.far_scale} must be > 0")
         if self.rope and self.rope_prefix not in ("high", "low", "unrotated"):
             raise ValueError(f"rope_prefix={self.rope_prefix!r} must be 'high', 'low' or 'unrotated'")
         if self.rope and (self.head_dim % 2 or (self.far_k_dim or 0) % 2):   # rotary pairs stay whole
@@ -291,13 +287,13 @@ class CausalSelfAttention(nn.Module):
             k_now, v_now = torch.rand(config.n_head), torch.rand(config.n_head)
             self.k_shift_now, self.k_shift_prev = nn.Parameter(k_now), nn.Parameter(1 - k_now)
             self.v_shift_now, self.v_shift_prev = nn.Parameter(v_now), nn.Parameter(1 - v_now)
-        self.far_scale = nn.Parameter(torch.full((config.n_head,), config.far_scale)) if config.learn_far_scale \
-            else config.far_scale
         self.rope = config.rope
-        if self.rope:   # pair (2i, 2i + 1) turns by p * freqs[i] at position p; the order of the
-            d, kept = self.head_dim, config.far_k_dim if config.far_mode == "slice" else 0   # pairs is
-            freqs = config.rope_base ** -torch.arange(0, d, 2).double().div(d)           # the choice of
-            freqs = {"high": freqs, "low": freqs.flip(0), "unrotated": torch.cat(       # what a prefix keeps
+        if self.rope:   # pair (2i, 2i + 1) turns by p * rope_freqs[i] at position p; the order of
+            # the pairs is what a far key's prefix keeps: the highest frequencies first, the lowest,
+            # or far_k_dim unrotated coordinates (partial rotary over the rest)
+            d, kept = self.head_dim, config.far_k_dim if config.far_mode == "slice" else 0
+            freqs = config.rope_base ** -torch.arange(0, d, 2).double().div(d)
+            freqs = {"high": freqs, "low": freqs.flip(0), "unrotated": torch.cat(
                 [torch.zeros(kept // 2), config.rope_base ** -torch.arange(0, d - kept, 2).double().div(d - kept)])}
             self.register_buffer("rope_freqs", freqs[config.rope_prefix].float(), persistent=False)
 
@@ -315,9 +311,6 @@ class CausalSelfAttention(nn.Module):
         cos, sin, even, odd = angle.cos(), angle.sin(), x[..., 0::2].float(), x[..., 1::2].float()
         return torch.stack([even * cos - odd * sin, even * sin + odd * cos], -1).flatten(-2).type_as(x)
 
-    def far_gain(self):   # far scores are multiplied by this: far_scale, learned per head or fixed
-        return self.far_scale.view(1, -1, 1, 1) if isinstance(self.far_scale, nn.Parameter) else self.far_scale
-
     def shift(self, k, v, last_k=None, last_v=None):
         """KV shifting: k^_t = now * k_t + prev * k_{t-1} per head (values alike); k_{-1} is
         last_k, the raw key before k, or 0 at the start."""
@@ -331,12 +324,11 @@ class CausalSelfAttention(nn.Module):
         the layer's key and value projections of far_up(latents), shifted as k and v are."""
         if self.far_mode == "slice":   # (with nothing kept, no far tier: a sliding window)
             pad = lambda t, r: F.pad(t[..., :r], (0, self.head_dim - r))
-            return (pad(k, self.far_k_dim) * self.far_gain(), pad(v, self.far_v_dim)) if self.has_far else (None, None)
+            return (pad(k, self.far_k_dim), pad(v, self.far_v_dim)) if self.has_far else (None, None)
         w, b = self.head_weights()
         far = F.linear(self.far_up(latents), w[1:].flatten(0, 2), None if b is None else b[1:].flatten())
         far_k, far_v = (self.heads(t) for t in far.split(self.n_embd, dim=2))
-        far_k, far_v = self.shift(far_k, far_v) if self.kv_shift else (far_k, far_v)
-        return far_k * self.far_gain(), far_v
+        return self.shift(far_k, far_v) if self.kv_shift else (far_k, far_v)
 
     def forward(self, x, cache=None):
         B, T, C = x.size()
@@ -377,7 +369,6 @@ class CausalSelfAttention(nn.Module):
             # as (B * H, ., .) views for bmm: a 4-d matmul's reshapes cost more than its arithmetic here
             rk, bh = self.far_k_dim, lambda t: t.flatten(0, 1)
             scores = torch.bmm(bh(q[..., :rk]), bh(cache.far_k[:, :, :T]).mT)
-            scores.view(B, H, 1, T)[..., :T - m] *= self.far_gain()
             scores[..., T - m:] += torch.bmm(bh(q[..., rk:]), bh(local_k).mT).roll(-start, -1)   # to position order
             att = F.softmax(scores, dim=-1)
             y = [torch.bmm(att, bh(cache.far_v[:, :, :T])), torch.bmm(att[..., T - m:].roll(start, -1), bh(local_v))]
@@ -395,7 +386,7 @@ class CausalSelfAttention(nn.Module):
             far = far + (q * key_bias[:, None]).sum(-1, keepdim=True)
         if self.kv_shift:   # far key j is now far_k_j + prev far_k_{j-1}
             far = mix(self.k_shift_now, self.k_shift_prev, far, F.pad(far[..., :-1], (1, 0)))
-        att = F.softmax(torch.cat([far * self.far_gain(), q @ local_k.mT], -1), dim=-1)
+        att = F.softmax(torch.cat([far, q @ local_k.mT], -1), dim=-1)
         far_att = att[..., :T - m]
         if self.kv_shift:   # sum_j a_j (now v_j + prev v_{j-1}) = sum_j (now a_j + prev a_{j+1}) v_j
             far_att = mix(self.v_shift_now, self.v_shift_prev, far_att, F.pad(far_att[..., 1:], (0, 1)))

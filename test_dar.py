@@ -17,9 +17,9 @@ torch.set_num_threads(1)   # tiny tensors: threads cost more than they give
 # ----------------------------------------------------------------------------------------
 # Oracles
 
-def naive_dar_attention(q, k, v, window, far_k_dim, far_v_dim, far_scale=1.0):
-    """The README's formula, one (query, key) pair at a time (far scores times far_scale, a
-    number or one per head). With far dims 0 there is no far tier: a sliding window."""
+def naive_dar_attention(q, k, v, window, far_k_dim, far_v_dim):
+    """The README's formula, one (query, key) pair at a time. With far dims 0 there is no far
+    tier: a sliding window."""
     B, H, T, d = q.shape
     out = torch.zeros_like(q)
     for i in range(T):
@@ -29,7 +29,7 @@ def naive_dar_attention(q, k, v, window, far_k_dim, far_v_dim, far_scale=1.0):
                 scores.append((q[:, :, i] * k[:, :, j]).sum(-1))
                 values.append(v[:, :, j])
             elif far_k_dim > 0 or far_v_dim > 0:
-                scores.append((q[:, :, i, :far_k_dim] * k[:, :, j, :far_k_dim]).sum(-1) * far_scale)
+                scores.append((q[:, :, i, :far_k_dim] * k[:, :, j, :far_k_dim]).sum(-1))
                 padded = torch.zeros_like(v[:, :, j])
                 padded[..., :far_v_dim] = v[:, :, j, :far_v_dim]
                 values.append(padded)
@@ -138,17 +138,15 @@ def naive_gpt(sd, cfg, idx):
             v = naive_shift(v, sd[p + "attn.v_shift_now"], sd[p + "attn.v_shift_prev"])
         if cfg.rope:   # after the shift
             q, k = naive_rotate(q, rope_frequencies(cfg)), naive_rotate(k, rope_frequencies(cfg))
-        far_scale = sd[p + "attn.far_scale"].view(1, -1) if cfg.learn_far_scale else cfg.far_scale
         if cfg.far_mode == "latent":
             x_far = x_in @ sd[p + "attn.far_down.weight"].T @ sd[p + "attn.far_up.weight"].T
             _, far_k, far_v = (heads(t) for t in lin(x_far, "attn.c_attn").split(C, 2))
             if cfg.kv_shift:   # shifted like the near keys and values
                 far_k = naive_shift(far_k, sd[p + "attn.k_shift_now"], sd[p + "attn.k_shift_prev"])
                 far_v = naive_shift(far_v, sd[p + "attn.v_shift_now"], sd[p + "attn.v_shift_prev"])
-            y = naive_two_tier_attention(q, k, v, far_k * (far_scale.view(1, -1, 1, 1) if cfg.learn_far_scale else far_scale),
-                                         far_v, cfg.window)
+            y = naive_two_tier_attention(q, k, v, far_k, far_v, cfg.window)
         else:
-            y = naive_dar_attention(q, k, v, cfg.window, cfg.far_k_dim, cfg.far_v_dim, far_scale)
+            y = naive_dar_attention(q, k, v, cfg.window, cfg.far_k_dim, cfg.far_v_dim)
         x = x + lin(y.transpose(1, 2).reshape(B, T, C), "attn.c_proj")
         x = x + lin(F.gelu(lin(ln(x, "ln_2"), "mlp.c_fc")), "mlp.c_proj")
     x = F.layer_norm(x, (C,), sd["transformer.ln_f.weight"], sd.get("transformer.ln_f.bias"))
@@ -165,9 +163,6 @@ def make_model(seed=0, **kw):
         for l in range(cfg.n_layer):
             for name in ("k_shift_now", "k_shift_prev", "v_shift_now", "v_shift_prev"):
                 sd[f"transformer.h.{l}.attn.{name}"] = torch.randn(cfg.n_head, generator=g)
-    if cfg.learn_far_scale:
-        for l in range(cfg.n_layer):
-            sd[f"transformer.h.{l}.attn.far_scale"] = 0.5 + torch.rand(cfg.n_head, generator=torch.Generator().manual_seed(seed + 2))
     model = dar.GPT(cfg)
     model.load_state_dict(sd)   # strict: every name and shape must match
     return model.eval(), sd
@@ -370,14 +365,13 @@ def test_cache_nbytes_is_the_formula_and_buffers_are_written_in_place(name, kv_s
 
 def random_case(rng):
     """A random configuration (regime, far mode, window 0, 1, >= block_size, kv_shift, bias,
-    rope, far scale, batch 1-3) and a random schedule: a prompt cut into chunks, then one-token
+    rope, batch 1-3) and a random schedule: a prompt cut into chunks, then one-token
     steps."""
     n_head, head_dim = rng.choice([1, 2, 3]), rng.choice([2, 4, 6])
     block_size = rng.randint(4, 20)
     kw = dict(block_size=block_size, n_layer=rng.randint(1, 2), n_head=n_head, n_embd=n_head * head_dim,
               window=rng.choice([0, 1, 2, rng.randint(0, block_size), block_size, block_size + 3]),
               kv_shift=rng.random() < 0.5, bias=rng.random() < 0.5)
-    kw.update(far_scale=rng.choice([1.0, 1.0, 2.0, 0.7]), learn_far_scale=rng.random() < 0.2)
     if rng.random() < 0.35:
         kw.update(far_mode="latent", far_latent_dim=rng.randint(1, kw["n_embd"]))
     else:
@@ -765,7 +759,7 @@ def test_latent_defaults_to_a_quarter_of_n_embd():
 
 
 # ----------------------------------------------------------------------------------------
-# Rotary positions and the far scale
+# Rotary positions
 
 @pytest.mark.parametrize("prefix", ["high", "low", "unrotated"])
 @pytest.mark.parametrize("name", ["dar", "far_k0", "thin_keys", "uniform", "sliding", "full_window"])
@@ -790,30 +784,13 @@ def test_rope_prefix_choices_compute_different_things():
         assert (logits[a] - logits[b]).abs().max() > 1e-2, (a, b)
 
 
-@pytest.mark.parametrize("learn", [False, True])
-@pytest.mark.parametrize("far_mode", ["slice", "latent"])
-def test_far_scale_multiplies_far_scores(learn, far_mode):
-    dims = dict(far_mode="latent", far_latent_dim=6) if far_mode == "latent" else dict(far_k_dim=2, far_v_dim=3)
-    model, sd = make_model(window=3, far_scale=2.0, learn_far_scale=learn, kv_shift=True, **dims)
-    idx = torch.randint(0, 13, (2, 11), generator=torch.Generator().manual_seed(4))
-    logits = model(idx, targets=idx)[0]
-    torch.testing.assert_close(logits, naive_gpt(sd, model.config, idx), atol=1e-4, rtol=1e-4)
-    assert (logits - make_model(window=3, kv_shift=True, **dims)[0](idx, targets=idx)[0]).abs().max() > 1e-2
-    assert_cache_matches_uncached(model, 7)
-    if learn:
-        model.train()
-        model(idx, targets=idx)[1].backward()
-        assert model.transformer.h[0].attn.far_scale.grad.abs().min() > 0
-
-
 @pytest.mark.parametrize("kw, field", [
     (dict(rope=True, far_k_dim=3), "far_k_dim"),
     (dict(rope=True, n_embd=18, n_head=2, far_k_dim=2), "head_dim"),
     (dict(rope=True, far_mode="latent"), "latent"),
     (dict(rope=True, rope_prefix="middle"), "rope_prefix"),
-    (dict(far_scale=0.0), "far_scale"),
 ])
-def test_invalid_rope_and_far_scale_settings_raise(kw, field):
+def test_invalid_rope_settings_raise(kw, field):
     with pytest.raises(ValueError, match=field):
         dar.GPTConfig(**kw)
 

@@ -64,8 +64,6 @@ class TrainConfig:
     far_k_dim: int = setting(8, "slice: key coordinates kept beyond the window")
     far_v_dim: int = setting(8, "slice: value coordinates kept beyond the window")
     far_latent_dim: int = setting(0, "latent: the bottleneck width r; 0: n_embd / 4")
-    far_scale: float = setting(1.0, "far scores are multiplied by this (the paper's formula: 1)")
-    learn_far_scale: bool = setting(False, "learn the far scale per head, starting at far_scale")
     kv_shift: bool = setting(False, "KV shifting: each key and value a learned mix with the previous token's")
     rope: bool = setting(False, "rotary positions on queries and keys instead of learned position embeddings")
     rope_base: float = setting(10000.0, "rope: the base of the rotary frequencies")
@@ -283,7 +281,7 @@ def build_model(cfg, data, tokenizer, device, resumed):
         return dar.convert(full, cfg.window, calibration=calibration, **far_settings(cfg)).train()
     config = dar.GPTConfig(vocab_size=tokenizer.vocab_size, **far_settings(cfg), **{
         f: getattr(cfg, f) for f in ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "window",
-                                     "kv_shift", "far_scale", "learn_far_scale", "rope", "rope_base", "rope_prefix")})
+                                     "kv_shift", "rope", "rope_base", "rope_prefix")})
     return dar.GPT(config).to(device)
 
 
