@@ -592,7 +592,9 @@ def bench_recall(args):
     if args.quick:
         for name, value in RECALL_QUICK.items():
             setattr(args, name, value)
-    variants, seeds = selected(recall_regimes(args), args.only), [args.seed + i for i in range(args.seeds)]
+    extra = dict(spec.split("=", 1) for spec in args.extra)
+    variants = selected({**recall_regimes(args), **{name: json.loads(fields) for name, fields in extra.items()}}, args.only)
+    seeds = [args.seed + i for i in range(args.seeds)]
     buckets = ["all", "inside window", "1-2x window", "farther"]
     def runs(name, regime, pairs):   # one recall_run per seed
         results = []
@@ -783,6 +785,8 @@ def main(argv=None):
                                                  "only when full is among them)")
     recall.add_argument("--pairs", type=int, default=8, help="pairs per sequence for the regimes " + d)
     recall.add_argument("--seeds", type=int, default=3, help="runs per regime: seeds --seed, --seed + 1, ... " + d)
+    recall.add_argument("--extra", nargs="+", default=[], metavar="NAME=JSON", help="more rows: a name and GPTConfig "
+                        """fields, e.g. 'k8 v12={"window": 16, "far_k_dim": 8, "far_v_dim": 12}' (default: none)""")
     recall.add_argument("--sweep_pairs", type=int, nargs="*", default=[],
                         help="also run the sweep regimes at these numbers of pairs (default: none)")
     recall.add_argument("--sweep_regimes", nargs="+", default=["full", "dar hd/8"], help=d)

@@ -561,11 +561,12 @@ def test_recall_accuracy_by_bucket_is_exact():
 
 
 def test_bench_recall_smoke(tmp_path):
-    only = ["full", "dar hd/8", "full rope", "dar hd/4 k<v rope unrotated"]
+    only = ["full", "dar hd/8", "full rope", "dar hd/4 k<v rope unrotated", "k1 v3"]
     r = call(bench.main, "recall", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--window", "4",
              "--block_size", "32", "--batch_size", "4", "--max_iters", "2", "--eval_interval", "2",
              "--eval_iters", "1", "--warmup_iters", "1", "--pairs", "2", "--sweep_pairs", "2", "3", "--seeds", "2",
-             "--train_seqs", "20", "--val_seqs", "4", "--device", "cpu", "--out_dir", str(tmp_path), "--only", *only)
+             "--train_seqs", "20", "--val_seqs", "4", "--device", "cpu", "--out_dir", str(tmp_path), "--only", *only,
+             "--extra", 'k1 v3={"window": 4, "far_k_dim": 1, "far_v_dim": 3}')
     assert r.returncode == 0, r.stderr
     result = json.load(open(tmp_path / "recall.json"))
     assert list(result["accuracy"]) == only and result["seeds"] == [1337, 1338]
@@ -581,7 +582,8 @@ def test_bench_recall_smoke(tmp_path):
             assert accuracy["all"][1] == sum(accuracy[b][1] for b in ("inside window", "1-2x window", "farther"))
             assert accuracy["beyond window"][1] == accuracy["all"][1] - accuracy["inside window"][1]
     rows = table_rows(r.stdout)
-    assert len(rows) == 4 + 2 * 2 and all(row.rstrip(" |").split("|")[-1].strip() in ("0/2", "1/2", "2/2") for row in rows[:4])
+    assert result["variants"]["k1 v3"] == dict(window=4, far_k_dim=1, far_v_dim=3)   # an --extra row
+    assert len(rows) == 5 + 2 * 2 and all(row.rstrip(" |").split("|")[-1].strip() in ("0/2", "1/2", "2/2") for row in rows[:5])
     names = list(bench.recall_regimes(bench.argparse.Namespace(n_embd=64, n_head=2, window=16, block_size=128)))
     assert names[:3] == ["full", "dar hd/4", "dar hd/4 k<v"] and "sliding rope" in names and len(names) == 17
 
