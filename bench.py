@@ -620,6 +620,33 @@ def bench_recall(args):
            + (["As pairs grow:\n\n" + sweep_table] if sweep else []),
            {"variants": variants, "kv_shift": args.kv_shift, "seeds": seeds, "accuracy": results,
             "sweep": {name: {str(k): v for k, v in by_pairs.items()} for name, by_pairs in sweep.items()}})
+    plot_recall(variants, results, os.path.join(args.out_dir, "recall.png"))
+
+
+def plot_recall(variants, results, path):
+    """Accuracy on all answers per regime: one dot per seed, a bar at the median; learned
+    positions left, rotary ones right."""
+    plt = pyplot()
+    if plt is None:
+        return
+    names = list(variants)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.62 * len(names) + 1.5), 4.4))
+    for x, name in enumerate(names):
+        accuracies = [100 * run["all"][0] for run in results[name]]
+        color = "C1" if variants[name].get("rope") else "C0"
+        ax.scatter([x] * len(accuracies), accuracies, color=color, alpha=0.7, zorder=3,
+                   label=("rotary positions" if variants[name].get("rope") else "learned positions") + ", one seed")
+        ax.hlines(statistics.median(accuracies), x - 0.3, x + 0.3, color=color, linewidth=2.5, label="median of the seeds")
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    ax.legend(unique.values(), unique.keys(), loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
+    ax.set(ylabel="recall accuracy, all answers (%)", ylim=(-3, 103),
+           title="associative recall, 8 pairs, mostly beyond the window: does each seed learn it?")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------
