@@ -11,6 +11,7 @@ table and writes its raw numbers as JSON to --out_dir.
                               number of key-value pairs grows (data/recall.py)
     python bench.py capacity  recall beyond the window as far keys, far values or both shrink,
                               over numbers of pairs and seeds: how many far dimensions a fact needs
+    python bench.py attention where recall models look: does the far tier select the pair?
     python bench.py tiers     a picture of what the two-tier cache holds (README's first picture)
 
 Sizes are flags, so the same commands scale up on a GPU; `--quick` runs quality, recall and
@@ -20,6 +21,7 @@ Times are medians of several runs after warm-up, the variants alternated in one 
 """
 
 import argparse
+import glob
 import json
 import os
 import statistics
@@ -649,6 +651,60 @@ def plot_recall(variants, results, path):
     plt.close(fig)
 
 
+@torch.no_grad()
+def attention_maps(model, x):
+    """Per layer, the attention weights (B, H, T, T) of x, written from the formula (scores
+    q . k inside the window, q[:rk] . k[:rk] beyond it) off the module's own projections."""
+    inputs = []
+    hooks = [b.attn.register_forward_hook(lambda m, i, o: inputs.append((m, i[0]))) for b in model.transformer.h]
+    logits = model(x, targets=x)[0]
+    for hook in hooks:
+        hook.remove()
+    maps, T = [], x.size(1)
+    dist = torch.arange(T)[:, None] - torch.arange(T)[None]
+    for attn, h in inputs:
+        q, k, v = (attn.heads(t) for t in attn.c_attn(h).split(attn.n_embd, 2))
+        k, v = attn.shift(k, v) if attn.kv_shift else (k, v)
+        q, k = (attn.rotate(q, 0), attn.rotate(k, 0)) if attn.rope else (q, k)
+        near, far = q @ k.mT, q[..., :attn.far_k_dim] @ k[..., :attn.far_k_dim].mT
+        far = far if attn.has_far else torch.full_like(far, -float("inf"))
+        scores = torch.where(dist < attn.window, near, far).masked_fill(dist < 0, -float("inf"))
+        maps.append(torch.softmax(scores / attn.head_dim ** 0.5, -1))
+    return maps, logits
+
+
+def bench_attention(args):
+    """Where trained recall models look (the runs bench.py recall left in --out_dir): for
+    the answers beyond --window, how often some head puts half its attention or more on the
+    value to copy (the far tier selects it), and how often the answer is right then."""
+    rows, results = [], {}
+    for run in sorted(glob.glob(os.path.join(args.out_dir, "recall", "*", "ckpt_last.pt"))):
+        ckpt = load_checkpoint(run)
+        data_dir = ckpt["train_config"]["dataset"]
+        model = model_from_checkpoint(ckpt, "cpu")
+        if model.config.far_mode == "latent":   # its far keys are not a slice of the keys
+            continue
+        length = model.config.block_size + 1
+        val = lambda name: np.fromfile(os.path.join(data_dir, f"{name}.bin"), dtype=np.uint16).astype(np.int64).reshape(-1, length)
+        tokens, dist = val("val")[:args.sequences], val("val_answers")[:args.sequences, 1:]
+        maps, logits = attention_maps(model, torch.from_numpy(tokens[:, :-1]))
+        b, a = np.nonzero(dist >= args.window)   # query position a answers with the value at a - dist
+        on_target = torch.stack([m[b, :, a, a - dist[b, a]] for m in maps]).amax((0, 2)).numpy()   # best head
+        right = logits.argmax(-1).numpy()[b, a] == tokens[b, a + 1]
+        selects = on_target >= 0.5
+        r = results[os.path.basename(os.path.dirname(run))] = {
+            "answers": int(len(a)), "accuracy": float(right.mean()), "selects": float(selects.mean()),
+            "right_when_selects": float(right[selects].mean()) if selects.any() else None,
+            "right_otherwise": float(right[~selects].mean()) if (~selects).any() else None}
+        pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"
+        rows.append([os.path.basename(os.path.dirname(run)), r["answers"], pct(r["accuracy"]), pct(r["selects"]),
+                     pct(r["right_when_selects"]), pct(r["right_otherwise"])])
+    report(args, "attention", [f"Answers at least {args.window} tokens from their pair, first {args.sequences} validation "
+                               "sequences; 'selects': some head of some layer puts >= 50% of its attention on the value "
+                               "to copy:\n\n" + markdown(["run", "answers", "accuracy", "selects", "right when it selects",
+                                                         "right otherwise"], rows)], {"runs": results})
+
+
 # ----------------------------------------------------------------------------------------
 
 def capacity_cells(head_dim, window, block_size, dims, tied_dims):
@@ -751,6 +807,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     d = "(default: %(default)s)"
+    attention = sub.add_parser("attention", help=bench_attention.__doc__)
+    attention.add_argument("--out_dir", default="bench_out", help="where bench.py recall wrote its runs " + d)
+    attention.add_argument("--window", type=int, default=16, help="count the answers this far from their pair " + d)
+    attention.add_argument("--sequences", type=int, default=200, help="validation sequences read " + d)
     tiers = sub.add_parser("tiers", help=bench_tiers.__doc__)
     tiers.add_argument("--block_size", type=int, default=96, help="tokens in the context drawn " + d)
     tiers.add_argument("--window", type=int, default=16, help=d)

@@ -585,8 +585,43 @@ def test_bench_recall_smoke(tmp_path):
     assert result["variants"]["k1 v3"] == dict(window=4, far_k_dim=1, far_v_dim=3)   # an --extra row
     assert len(rows) == 5 + 2 * 2 and all(row.rstrip(" |").split("|")[-1].strip() in ("0/2", "1/2", "2/2") for row in rows[:5])
     assert (tmp_path / "recall.png").exists() or "matplotlib is not installed" in r.stdout   # an optional extra
+    att = call(bench.main, "attention", "--out_dir", str(tmp_path), "--window", "4", "--sequences", "4")
+    assert att.returncode == 0, att.stderr
+    runs = json.load(open(tmp_path / "attention.json"))["runs"]
+    assert "full_rope_seed_1338_pairs_2" in runs and len(runs) == len(os.listdir(tmp_path / "recall")) - 1   # (data/)
+    for run in runs.values():
+        assert run["answers"] > 0 and 0 <= run["selects"] <= 1 and 0 <= run["accuracy"] <= 1
     names = list(bench.recall_regimes(bench.argparse.Namespace(n_embd=64, n_head=2, window=16, block_size=128)))
     assert names[:3] == ["full", "dar hd/4", "dar hd/4 k<v"] and "sliding rope" in names and len(names) == 17
+
+
+@pytest.mark.parametrize("rope", [False, True])
+def test_attention_maps_of_bench_attention_give_the_models_attention_output(rope):
+    """bench.attention_maps times the values (whole inside the window, their first far_v_dim
+    coordinates beyond it) is what each attention layer hands to c_proj."""
+    torch.manual_seed(0)
+    model = dar.GPT(dar.GPTConfig(vocab_size=11, block_size=24, n_layer=2, n_head=2, n_embd=16, window=5, far_k_dim=2,
+                                  far_v_dim=3, kv_shift=True, rope=rope)).eval()
+    x = torch.randint(0, 11, (2, 24))
+    outputs = []
+    hooks = [b.attn.c_proj.register_forward_hook(lambda m, i, o: outputs.append(i[0])) for b in model.transformer.h]
+    maps, _ = bench.attention_maps(model, x)
+    inputs = []
+    hooks += [b.attn.register_forward_hook(lambda m, i, o: inputs.append(i[0])) for b in model.transformer.h]
+    with torch.no_grad():
+        model(x, targets=x)
+    for hook in hooks:
+        hook.remove()
+    dist = torch.arange(24)[:, None] - torch.arange(24)[None]
+    for layer, (block, att) in enumerate(zip(model.transformer.h, maps)):
+        assert torch.allclose(att.sum(-1), torch.ones(2, 2, 24)) and (att[..., dist < 0] == 0).all()
+        attn = block.attn
+        _, k, v = (attn.heads(t) for t in attn.c_attn(inputs[layer]).split(16, 2))
+        _, v = attn.shift(k, v)
+        far_v = torch.cat([v[..., :3], torch.zeros_like(v[..., 3:])], -1)
+        local = (dist < 5).float()
+        y = (att * local) @ v + (att * (1 - local)) @ far_v
+        torch.testing.assert_close(y.transpose(1, 2).reshape(2, 24, 16), outputs[2 + layer], atol=1e-5, rtol=1e-5)
 
 
 def test_seeds_learned_against_full_attention():
