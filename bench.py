@@ -354,6 +354,8 @@ def train_run(args, out_dir, *flags):
               args.n_head, "--n_embd", args.n_embd, "--block_size", args.block_size, "--batch_size",
               args.batch_size, "--eval_iters", args.eval_iters, "--seed", args.seed, "--device", args.device,
               "--sample_tokens", 0, "--log_interval", args.log_interval]
+    if args.resume and os.path.exists(os.path.join(out_dir, "ckpt_last.pt")):
+        flags = list(flags) + ["--init_from", "resume"]   # the last --init_from wins
     print(f"\n=== {out_dir} ===", flush=True)
     train.main([str(a) for a in common + list(flags)])
     with open(os.path.join(out_dir, "eval_log.jsonl")) as f:
@@ -861,6 +863,9 @@ def main(argv=None):
         s.add_argument("--weight_decay", type=float, default=wd, help=d)
         s.add_argument("--log_interval", type=int, default=50, help=d)
         s.add_argument("--seed", type=int, default=1337, help=d)
+        s.add_argument("--resume", action="store_true", help="continue each run from the ckpt_last.pt in its folder, "
+                       "if there is one: an interrupted bench picks up where it stopped, a finished run is only "
+                       "read (the folders must come from this revision) " + d)
     quality.add_argument("--dataset", default=train.DEFAULT_DATASET, help=d)
     quality.add_argument("--finetune_iters", type=int, default=150, help=d)
     quality.add_argument("--finetune_lr", type=float, default=3e-4, help=d)

@@ -585,6 +585,17 @@ def test_bench_recall_smoke(tmp_path):
     assert result["variants"]["k1 v3"] == dict(window=4, far_k_dim=1, far_v_dim=3)   # an --extra row
     assert len(rows) == 5 + 2 * 2 and all(row.rstrip(" |").split("|")[-1].strip() in ("0/2", "1/2", "2/2") for row in rows[:5])
     assert (tmp_path / "recall.png").exists() or "matplotlib is not installed" in r.stdout   # an optional extra
+    def resumed(max_iters):   # the full rows again with --resume: read when finished, continued when not
+        again = call(bench.main, "recall", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--window", "4",
+                     "--block_size", "32", "--batch_size", "4", "--max_iters", max_iters, "--eval_interval", "2",
+                     "--eval_iters", "1", "--warmup_iters", "1", "--pairs", "2", "--seeds", "2", "--train_seqs", "20",
+                     "--val_seqs", "4", "--device", "cpu", "--out_dir", str(tmp_path), "--only", "full", "--resume")
+        assert again.returncode == 0, again.stderr
+        return again.stdout, json.load(open(tmp_path / "recall.json"))["accuracy"]["full"]
+    out, accuracy = resumed("2")
+    assert out.count("from iter 2") == 2 and accuracy == result["accuracy"]["full"]
+    out, _ = resumed("4")
+    assert out.count("from iter 2") == 2 and out.count("eval 4:") == 2   # two seeds, each continued to 4
     att = call(bench.main, "attention", "--out_dir", str(tmp_path), "--window", "4", "--sequences", "4")
     assert att.returncode == 0, att.stderr
     runs = json.load(open(tmp_path / "attention.json"))["runs"]
