@@ -500,13 +500,13 @@ def plot_decode(results, prefill, path):
                           marker=".", label=name)
     axes[-2].set(title="time to first token, batch 1", xlabel="prompt length T", ylabel="ms (prefill)")
     axes[-1].set(title="KV cache held per sequence", xlabel="context length T", ylabel="MiB")
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=5)   # below, clear of the lines
-    fig.text(0.5, 0.005, "the peer: a plain preallocated full cache (as gpt-fast and nanochat keep one) with nanoGPT's "
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", bbox_to_anchor=(0.5, 0.06), ncol=5)
+    fig.text(0.5, 0.01, "the peer: a plain preallocated full cache (as gpt-fast and nanochat keep one) with nanoGPT's "
              "forward, written in bench.py apart from dar.py; lower is better", ha="center", fontsize=8)
     for ax in axes:
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-    fig.tight_layout(rect=(0, 0.16, 1, 1))
+    fig.tight_layout(rect=(0, 0.22, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -621,7 +621,7 @@ def bench_recall(args):
     report(args, "recall", [f"{args.pairs} pairs per sequence, {shift} kv_shift, {len(seeds)} seeds ({seeds[0]}...): the "
                             "median (lowest-highest seed); answers per bucket in brackets; 'learned': all answers at "
                             "90% of full attention's median or more:\n\n" + variant_table]
-           + (["As pairs grow:\n\n" + sweep_table] if sweep else []),
+           + (["As pairs grow:\n\n" + sweep_table] if args.sweep_pairs else []),
            {"variants": variants, "kv_shift": args.kv_shift, "seeds": seeds, "accuracy": results,
             "sweep": {name: {str(k): v for k, v in by_pairs.items()} for name, by_pairs in sweep.items()}})
     plot_recall(variants, results, os.path.join(args.out_dir, "recall.png"))
@@ -791,10 +791,11 @@ def plot_capacity(cells, accuracy, pairs_list, head_dim, path):
         ax.set(title=title, xlabel="far dimension")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy beyond the window, %")
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(pairs_list), fontsize=8)
-    fig.text(0.5, 0.01, f"points: the median over {n_seeds} seeds; bars: the lowest and highest seed; dotted: a sliding "
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", bbox_to_anchor=(0.5, 0.05),
+               ncol=len(pairs_list), fontsize=8)
+    fig.text(0.5, 0.015, f"points: the median over {n_seeds} seeds; bars: the lowest and highest seed; dotted: a sliding "
              "window (no far tier) at that many pairs", ha="center", fontsize=8)
-    fig.tight_layout(rect=(0, 0.16, 1, 1))
+    fig.tight_layout(rect=(0, 0.2, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
