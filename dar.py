@@ -42,6 +42,7 @@ class GPTConfig:
     far_mode: str = "slice"            # what a distant token keeps: "slice" or "latent"
     far_latent_dim: Optional[int] = None   # latent: the bottleneck width r (None: n_embd/4)
     rope: bool = False                 # rotary positions on queries and keys instead of wpe
+    rope_wpe: bool = False             # rope: keep wpe's learned absolute positions as well
     rope_base: float = 10000.0
     rope_prefix: str = "high"          # rope: what a far key's first coordinates hold: the
                                        # "high"- or "low"-frequency pairs, or "unrotated" ones
@@ -73,6 +74,8 @@ class GPTConfig:
             raise ValueError(f"rope_prefix={self.rope_prefix!r} must be 'high', 'low' or 'unrotated'")
         if self.rope and (self.head_dim % 2 or (self.far_k_dim or 0) % 2):   # rotary pairs stay whole
             raise ValueError(f"far_k_dim={self.far_k_dim} and head_dim={self.head_dim} must be even with rope")
+        if self.rope_wpe and not self.rope:
+            raise ValueError("rope_wpe=True keeps wpe beside rope: it needs rope=True")
         if self.rope and self.far_mode == "latent" and not self.is_full:
             raise ValueError("far_mode='latent' with rope: a far key it never builds cannot be rotated (README)")
 
@@ -426,9 +429,10 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        self.has_wpe = not config.rope or config.rope_wpe   # learned absolute positions
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
-            **({} if config.rope else dict(wpe=nn.Embedding(config.block_size, config.n_embd))),
+            **(dict(wpe=nn.Embedding(config.block_size, config.n_embd)) if self.has_wpe else {}),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
@@ -451,7 +455,7 @@ class GPT(nn.Module):
 
     def get_num_params(self, non_embedding=True):
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding and not self.config.rope else n
+        return n - self.transformer.wpe.weight.numel() if non_embedding and self.has_wpe else n
 
     def new_cache(self, batch_size):
         return KVCache(self.config, batch_size)
@@ -466,7 +470,7 @@ class GPT(nn.Module):
         if cache is not None and (targets is not None or B != cache.batch_size):
             raise ValueError("a cached forward takes no targets and the cache's batch size")
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.wte(idx) if self.config.rope else self.transformer.wte(idx) + self.transformer.wpe(pos)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos) if self.has_wpe else self.transformer.wte(idx)
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
             x = block(x, None if cache is None else cache.layers[i])

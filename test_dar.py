@@ -99,7 +99,7 @@ def nanogpt_state_dict(cfg, std=0.3, seed=0):
     g = torch.Generator().manual_seed(seed)
     C, V = cfg.n_embd, cfg.vocab_size
     shapes = {"transformer.wte.weight": (V, C), "transformer.ln_f.weight": (C,)}
-    if not cfg.rope:
+    if not cfg.rope or cfg.rope_wpe:
         shapes["transformer.wpe.weight"] = (cfg.block_size, C)
     for l in range(cfg.n_layer):
         p = f"transformer.h.{l}."
@@ -125,7 +125,7 @@ def naive_gpt(sd, cfg, idx):
     """Logits at every position, computed functionally from a nanoGPT-named state dict."""
     B, T = idx.shape
     C, H, d = cfg.n_embd, cfg.n_head, cfg.head_dim
-    x = sd["transformer.wte.weight"][idx] + (0 if cfg.rope else sd["transformer.wpe.weight"][:T])
+    x = sd["transformer.wte.weight"][idx] + (sd["transformer.wpe.weight"][:T] if "transformer.wpe.weight" in sd else 0)
     for l in range(cfg.n_layer):
         p = f"transformer.h.{l}."
         lin = lambda x, name: F.linear(x, sd[p + name + ".weight"], sd.get(p + name + ".bias"))
@@ -377,7 +377,8 @@ def random_case(rng):
     else:
         kw.update(far_k_dim=rng.randint(0, head_dim), far_v_dim=rng.randint(0, head_dim))
         if rng.random() < 0.4:   # rotary positions: whole pairs in the far prefix
-            kw.update(rope=True, rope_prefix=rng.choice(["high", "low", "unrotated"]), far_k_dim=kw["far_k_dim"] // 2 * 2)
+            kw.update(rope=True, rope_prefix=rng.choice(["high", "low", "unrotated"]), far_k_dim=kw["far_k_dim"] // 2 * 2,
+                      rope_wpe=rng.random() < 0.3)
         if kw["window"] == 0 and kw["far_k_dim"] == kw["far_v_dim"] == 0:
             kw["far_v_dim"] = head_dim
     total = rng.randint(1, block_size)
@@ -774,6 +775,20 @@ def test_rope_model_matches_naive_rotated_gpt(prefix, name, kv_shift):
     assert_cache_matches_uncached(model, 7)
 
 
+@pytest.mark.parametrize("kv_shift", [False, True])
+def test_rope_with_learned_positions_kept_matches_naive_gpt(kv_shift):
+    """rope_wpe: the rotation and wpe's absolute positions both; the oracle adds wpe."""
+    model, sd = make_model(window=3, far_k_dim=4, far_v_dim=6, kv_shift=kv_shift, rope=True, rope_wpe=True,
+                           rope_prefix="unrotated", rope_base=100.0)
+    assert "transformer.wpe.weight" in model.state_dict()
+    idx = torch.randint(0, 13, (2, 11), generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(model(idx, targets=idx)[0], naive_gpt(sd, model.config, idx), atol=1e-4, rtol=1e-4)
+    assert_cache_matches_uncached(model, 7)
+    without, _ = make_model(window=3, far_k_dim=4, far_v_dim=6, kv_shift=kv_shift, rope=True,
+                            rope_prefix="unrotated", rope_base=100.0)
+    assert (without(idx, targets=idx)[0] - model(idx, targets=idx)[0]).abs().max() > 1e-2   # wpe counts
+
+
 def test_rope_prefix_choices_compute_different_things():
     """The oracle comparisons mean something only if the prefix choices (and the base of
     the frequencies) change what the model computes."""
@@ -789,6 +804,7 @@ def test_rope_prefix_choices_compute_different_things():
     (dict(rope=True, n_embd=18, n_head=2, far_k_dim=2), "head_dim"),
     (dict(rope=True, far_mode="latent"), "latent"),
     (dict(rope=True, rope_prefix="middle"), "rope_prefix"),
+    (dict(rope_wpe=True), "rope_wpe"),
 ])
 def test_invalid_rope_settings_raise(kw, field):
     with pytest.raises(ValueError, match=field):

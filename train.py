@@ -66,6 +66,7 @@ class TrainConfig:
     far_latent_dim: int = setting(0, "latent: the bottleneck width r; 0: n_embd / 4")
     kv_shift: bool = setting(False, "KV shifting: each key and value a learned mix with the previous token's")
     rope: bool = setting(False, "rotary positions on queries and keys instead of learned position embeddings")
+    rope_wpe: bool = setting(False, "rope: keep the learned position embeddings (wpe) as well")
     rope_base: float = setting(10000.0, "rope: the base of the rotary frequencies")
     rope_prefix: Literal["high", "low", "unrotated"] = setting(
         "high", "rope: what a far key's first coordinates hold: high- or low-frequency pairs, or unrotated ones")
@@ -281,7 +282,7 @@ def build_model(cfg, data, tokenizer, device, resumed):
         return dar.convert(full, cfg.window, calibration=calibration, **far_settings(cfg)).train()
     config = dar.GPTConfig(vocab_size=tokenizer.vocab_size, **far_settings(cfg), **{
         f: getattr(cfg, f) for f in ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "window",
-                                     "kv_shift", "rope", "rope_base", "rope_prefix")})
+                                     "kv_shift", "rope", "rope_wpe", "rope_base", "rope_prefix")})
     return dar.GPT(config).to(device)
 
 
