@@ -559,7 +559,8 @@ def recall_regimes(args):
     """The rows of the recall table. Learned positions: far dims head_dim / 4, split evenly
     and as hd/8 for keys, 3hd/8 for values (the same bytes: "k<v"); head_dim / 8; the
     baselines; the latent far tier at the bytes of each (r = n_head * 2 * far dims). Then
-    rotary positions: each prefix choice, and the baselines."""
+    rotary positions: each prefix choice, the unrotated one with wpe kept as well, and the
+    baselines."""
     hd, W, H = args.n_embd // args.n_head, args.window, args.n_head
     k_lt_v = sliced(W, hd // 8, 3 * hd // 8)
     rope = lambda regime, prefix="high": {**regime, "rope": True, "rope_prefix": prefix}
@@ -570,6 +571,7 @@ def recall_regimes(args):
             "uniform latent as hd/4": latent(0, H * hd // 2),
             "full rope": rope(sliced(args.block_size, hd, hd)),
             **{f"dar hd/4 k<v rope {p}": rope(k_lt_v, p) for p in ("high", "low", "unrotated")},
+            "dar hd/4 k<v rope unrotated wpe": {**rope(k_lt_v, "unrotated"), "rope_wpe": True},
             "dar hd/4 rope unrotated": rope(sliced(W, hd // 4, hd // 4), "unrotated"),
             "uniform hd/4 rope": rope(sliced(0, hd // 4, hd // 4)), "sliding rope": rope(sliced(W, 0, 0))}
 

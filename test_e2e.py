@@ -561,7 +561,7 @@ def test_recall_accuracy_by_bucket_is_exact():
 
 
 def test_bench_recall_smoke(tmp_path):
-    only = ["full", "dar hd/8", "full rope", "dar hd/4 k<v rope unrotated", "k1 v3"]
+    only = ["full", "dar hd/8", "full rope", "dar hd/4 k<v rope unrotated", "dar hd/4 k<v rope unrotated wpe", "k1 v3"]
     r = call(bench.main, "recall", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--window", "4",
              "--block_size", "32", "--batch_size", "4", "--max_iters", "2", "--eval_interval", "2",
              "--eval_iters", "1", "--warmup_iters", "1", "--pairs", "2", "--sweep_pairs", "2", "3", "--seeds", "2",
@@ -583,7 +583,8 @@ def test_bench_recall_smoke(tmp_path):
             assert accuracy["beyond window"][1] == accuracy["all"][1] - accuracy["inside window"][1]
     rows = table_rows(r.stdout)
     assert result["variants"]["k1 v3"] == dict(window=4, far_k_dim=1, far_v_dim=3)   # an --extra row
-    assert len(rows) == 5 + 2 * 2 and all(row.rstrip(" |").split("|")[-1].strip() in ("0/2", "1/2", "2/2") for row in rows[:5])
+    assert result["variants"]["dar hd/4 k<v rope unrotated wpe"]["rope_wpe"] is True
+    assert len(rows) == 6 + 2 * 2 and all(row.rstrip(" |").split("|")[-1].strip() in ("0/2", "1/2", "2/2") for row in rows[:6])
     assert (tmp_path / "recall.png").exists() or "matplotlib is not installed" in r.stdout   # an optional extra
     def resumed(max_iters):   # the full rows again with --resume: read when finished, continued when not
         again = call(bench.main, "recall", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--window", "4",
@@ -603,7 +604,7 @@ def test_bench_recall_smoke(tmp_path):
     for run in runs.values():
         assert run["answers"] > 0 and 0 <= run["selects"] <= 1 and 0 <= run["accuracy"] <= 1
     names = list(bench.recall_regimes(bench.argparse.Namespace(n_embd=64, n_head=2, window=16, block_size=128)))
-    assert names[:3] == ["full", "dar hd/4", "dar hd/4 k<v"] and "sliding rope" in names and len(names) == 17
+    assert names[:3] == ["full", "dar hd/4", "dar hd/4 k<v"] and "sliding rope" in names and len(names) == 18
 
 
 @pytest.mark.parametrize("rope", [False, True])
