@@ -379,7 +379,8 @@ def quality_variants(args, configs):
     variants = {name: (regime, False) for name, regime in configs.items()}
     variants.update({"dar+kv_shift": (configs["dar"], True), "dar k<v": (k_lt_v, False),
                      "full rope": (rope(configs["full"], "high"), False),
-                     "dar k<v rope unrotated": (rope(k_lt_v, "unrotated"), False)})
+                     "dar k<v rope unrotated": (rope(k_lt_v, "unrotated"), False),
+                     "dar k<v rope unrotated wpe": ({**rope(k_lt_v, "unrotated"), "rope_wpe": True}, False)})
     return selected(variants, args.only)
 
 

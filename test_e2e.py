@@ -472,7 +472,7 @@ def test_bench_quality_smoke(corpus, tmp_path):
     assert r.returncode == 0, r.stderr
     result = json.load(open(tmp_path / "quality.json"))
     variants = ["full", "dar", "uniform", "thin_keys", "sliding", "dar latent", "dar latent n/4", "uniform latent",
-                "dar+kv_shift", "dar k<v", "full rope", "dar k<v rope unrotated"]
+                "dar+kv_shift", "dar k<v", "full rope", "dar k<v rope unrotated", "dar k<v rope unrotated wpe"]
     assert list(result["final_val_loss"]) == variants and result["seeds"] == [1337]
     assert all([it for it, _ in result["curves"][v][0]] == [0, 2, 4] for v in variants)
     assert result["variants"]["dar k<v rope unrotated"][0] == dict(window=4, far_k_dim=2, far_v_dim=6, rope=True,
