@@ -324,7 +324,7 @@ def test_help_gives_each_flag_a_meaning_and_its_choices():
         r = call(main, "--help")
         assert r.returncode == 0
         flags = [line.split()[0] for line in r.stdout.split("options:")[1].splitlines() if line.startswith("  --")]
-        assert len(flags) > (35 if script == "train.py" else 10)
+        assert len(flags) > (40 if script == "train.py" else 10)
         for flag in flags:   # the text after the flag (on its line or the next) says more than its default
             block = r.stdout.split(flag, 2)[-1].split("\n  --")[0]
             assert len(block.replace("default", "").split()) > 4, (script, flag, block)
