@@ -562,10 +562,10 @@ def test_recall_accuracy_by_bucket_is_exact():
 
 def test_bench_recall_smoke(tmp_path):
     only = ["full", "dar hd/8", "full rope", "dar hd/4 k<v rope unrotated", "dar hd/4 k<v rope unrotated wpe", "k1 v3"]
-    r = call(bench.main, "recall", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--window", "4",
-             "--block_size", "32", "--batch_size", "4", "--max_iters", "2", "--eval_interval", "2",
-             "--eval_iters", "1", "--warmup_iters", "1", "--pairs", "2", "--sweep_pairs", "2", "3", "--seeds", "2",
-             "--train_seqs", "20", "--val_seqs", "4", "--device", "cpu", "--out_dir", str(tmp_path), "--only", *only,
+    sizes = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--window", "4", "--block_size", "32", "--batch_size", "4",
+             "--eval_interval", "2", "--eval_iters", "1", "--warmup_iters", "1", "--pairs", "2", "--seeds", "2",
+             "--train_seqs", "20", "--val_seqs", "4", "--device", "cpu", "--out_dir", str(tmp_path)]
+    r = call(bench.main, "recall", *sizes, "--max_iters", "2", "--sweep_pairs", "2", "3", "--only", *only,
              "--extra", 'k1 v3={"window": 4, "far_k_dim": 1, "far_v_dim": 3}')
     assert r.returncode == 0, r.stderr
     result = json.load(open(tmp_path / "recall.json"))
@@ -587,10 +587,7 @@ def test_bench_recall_smoke(tmp_path):
     assert len(rows) == 6 + 2 * 2 and all(row.rstrip(" |").split("|")[-1].strip() in ("0/2", "1/2", "2/2") for row in rows[:6])
     assert (tmp_path / "recall.png").exists() or "matplotlib is not installed" in r.stdout   # an optional extra
     def resumed(max_iters):   # the full rows again with --resume: read when finished, continued when not
-        again = call(bench.main, "recall", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--window", "4",
-                     "--block_size", "32", "--batch_size", "4", "--max_iters", max_iters, "--eval_interval", "2",
-                     "--eval_iters", "1", "--warmup_iters", "1", "--pairs", "2", "--seeds", "2", "--train_seqs", "20",
-                     "--val_seqs", "4", "--device", "cpu", "--out_dir", str(tmp_path), "--only", "full", "--resume")
+        again = call(bench.main, "recall", *sizes, "--max_iters", max_iters, "--only", "full", "--resume")
         assert again.returncode == 0, again.stderr
         return again.stdout, json.load(open(tmp_path / "recall.json"))["accuracy"]["full"]
     out, accuracy = resumed("2")
