@@ -683,6 +683,7 @@ def bench_attention(args):
     the answers beyond --window, how often some head puts half its attention or more on the
     value to copy (the far tier selects it), and how often the answer is right then."""
     rows, results = [], {}
+    pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"
     for run in sorted(glob.glob(os.path.join(args.out_dir, "recall", "*", "ckpt_last.pt"))):
         ckpt = load_checkpoint(run)
         data_dir = ckpt["train_config"]["dataset"]
@@ -701,7 +702,6 @@ def bench_attention(args):
             "answers": int(len(a)), "accuracy": float(right.mean()), "selects": float(selects.mean()),
             "right_when_selects": float(right[selects].mean()) if selects.any() else None,
             "right_otherwise": float(right[~selects].mean()) if (~selects).any() else None}
-        pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"
         rows.append([os.path.basename(os.path.dirname(run)), r["answers"], pct(r["accuracy"]), pct(r["selects"]),
                      pct(r["right_when_selects"]), pct(r["right_otherwise"])])
     report(args, "attention", [f"Answers at least {args.window} tokens from their pair, first {args.sequences} validation "
