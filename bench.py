@@ -353,7 +353,7 @@ def train_run(args, out_dir, *flags):
     common = ["--dataset", args.dataset, "--out_dir", out_dir, "--weight_decay", args.weight_decay, "--n_layer", args.n_layer, "--n_head",
               args.n_head, "--n_embd", args.n_embd, "--block_size", args.block_size, "--batch_size",
               args.batch_size, "--eval_iters", args.eval_iters, "--seed", args.seed, "--device", args.device,
-              "--sample_tokens", 0, "--log_interval", args.log_interval]
+              "--sample_tokens", 0, "--log_interval", args.log_interval, "--overwrite"]
     if args.resume and os.path.exists(os.path.join(out_dir, "ckpt_last.pt")):
         flags = list(flags) + ["--init_from", "resume"]   # the last --init_from wins
     print(f"\n=== {out_dir} ===", flush=True)

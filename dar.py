@@ -70,6 +70,8 @@ class GPTConfig:
                     raise ValueError(f"{name}={getattr(self, name)} must be in [{low}, {high}]")
         if self.window == 0 and self.far_k_dim == 0 and self.far_v_dim == 0:
             raise ValueError("window=0 with far_k_dim=0 and far_v_dim=0 leaves nothing to attend to")
+        if self.rope and not self.rope_base > 0:
+            raise ValueError(f"rope_base={self.rope_base} must be > 0")
         if self.rope and self.rope_prefix not in ("high", "low", "unrotated"):
             raise ValueError(f"rope_prefix={self.rope_prefix!r} must be 'high', 'low' or 'unrotated'")
         if self.rope and (self.head_dim % 2 or (self.far_k_dim or 0) % 2):   # rotary pairs stay whole

@@ -11,6 +11,7 @@ cache held (bytes per tier), allocated, and a full cache's bytes, and tokens/s g
 """
 
 import argparse
+import hashlib
 import os
 import pickle
 import sys
@@ -23,6 +24,8 @@ import dar
 from data.prepare import Tokenizer
 
 CHECKPOINT_FORMAT = "dar-1"
+DTYPE_HELP = ("autocast dtype; auto: bfloat16 on a CUDA GPU that supports it, float16 on other CUDA GPUs, "
+              "float32 on the CPU and MPS")
 
 
 def pick_device(name="auto"):
@@ -48,33 +51,87 @@ def autocast(device, dtype="auto"):
     return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype)), dtype
 
 
+def checksum(value):
+    """sha256 of a checkpoint's contents: every tensor's dtype, shape and bytes and every
+    plain value, in order. train.py stores it beside them; loading checks it, because
+    torch.load does not notice bytes changed inside a tensor."""
+    digest = hashlib.sha256()
+    def feed(v):
+        if torch.is_tensor(v):
+            digest.update(f"{v.dtype}{tuple(v.shape)}".encode())
+            digest.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(v, dict):
+            for key, item in v.items():
+                digest.update(repr(key).encode())
+                feed(item)
+        elif isinstance(v, (list, tuple)):
+            for item in v:
+                feed(item)
+        else:
+            digest.update(repr(v).encode())
+    feed(value)
+    return digest.hexdigest()
+
+
 def read_checkpoint(path, device="cpu"):
-    """A checkpoint file's dict, loaded safely (tensors and plain values only)."""
+    """A checkpoint file's dict, loaded safely (tensors and plain values only) and checked
+    against its checksum where it has one (ours do; nanoGPT's do not)."""
     if not os.path.isfile(path):
         raise ValueError(f"no checkpoint at {path}")
     with open(path, "rb") as f:
         if f.read(4) != b"PK\x03\x04":   # torch.save writes a zip archive
             raise ValueError(f"{path} is not a PyTorch checkpoint file "
                              "(train.py writes OUT_DIR/ckpt_best.pt and ckpt_last.pt)")
+    damaged = f"{path} is a damaged checkpoint (truncated or corrupted"
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):   # bytes that are no pickle at all
+            raise ValueError(f"{damaged}: its index does not unpickle)") from None
         raise ValueError(f"{path} holds Python objects other than tensors and plain values, "
                          "which are not loaded (weights_only=True, for safety)") from None
     except Exception as e:
-        raise ValueError(f"{path} is a damaged checkpoint (truncated or corrupted: {type(e).__name__})") from None
+        raise ValueError(f"{damaged}: {type(e).__name__})") from None
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path} is not a checkpoint (no dict inside)")
+    if "checksum" in ckpt:
+        written = ckpt.pop("checksum")
+        if checksum(ckpt) != written:
+            raise ValueError(f"{damaged}: its contents do not match the checksum written with them)")
     return ckpt
 
 
-def load_checkpoint(path, device="cpu"):
-    """One of our checkpoints; ValueError with one clear line for anything else."""
+DECODE_NEEDS = ("model_config", "model", "tokenizer")   # what sampling reads of a checkpoint
+
+
+def load_checkpoint(path, device="cpu", needs=DECODE_NEEDS):
+    """One of our checkpoints, holding the entries `needs`; ValueError with one clear line
+    for anything else."""
     ckpt = read_checkpoint(path, device)
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         hint = "; for a nanoGPT checkpoint use train.py --init_from convert" if "model_args" in ckpt else ""
         raise ValueError(f"{path} is not a dar checkpoint{hint}")
+    missing = [name for name in needs if name not in ckpt]
+    if missing:
+        raise ValueError(f"{path} is an incomplete dar checkpoint: it has no {', '.join(missing)}")
     return ckpt
+
+
+def tokenizer_from(ckpt, path):
+    """The tokenizer a checkpoint describes, or one line saying why it cannot be rebuilt."""
+    try:
+        return Tokenizer(ckpt["tokenizer"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path} has a tokenizer entry that cannot be rebuilt ({e})") from None
+
+
+def default_prompt_ids(tokenizer):
+    """A newline, or token 0 where the vocabulary has none (token-id data such as recall,
+    a corpus without newlines)."""
+    try:
+        return tokenizer.encode("\n") or [0]
+    except ValueError:
+        return [0]
 
 
 def model_from_checkpoint(ckpt, device):
@@ -133,16 +190,22 @@ def cache_report(stats):
             f"of {size(allocated)} allocated, vs {size(full)} for a full cache: {held / full:.3f}x")
 
 
-def read_prompt(prompt):
+def prompt_from(prompt, tokenizer):
+    """The token ids of --prompt: the text itself, FILE:path, or - for stdin."""
     if prompt == "-":
-        return sys.stdin.read()
-    if prompt.startswith("FILE:"):
+        prompt = sys.stdin.read()
+    elif prompt.startswith("FILE:"):
         path = prompt[len("FILE:"):]
         if not os.path.isfile(path):
             raise ValueError(f"no prompt file {path}")
         with open(path, encoding="utf-8") as f:
-            return f.read()
-    return prompt
+            prompt = f.read()
+    if not prompt:
+        raise ValueError("the prompt is empty")
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        raise ValueError(f"the prompt {prompt!r} encodes to no tokens with this model's tokenizer")
+    return ids
 
 
 def main(argv=None):
@@ -150,8 +213,8 @@ def main(argv=None):
     d = "(default: %(default)s)"
     p.add_argument("--ckpt", help="a checkpoint file (default: OUT_DIR/ckpt_best.pt, else OUT_DIR/ckpt_last.pt)")
     p.add_argument("--out_dir", default="out", help="the training run's output folder " + d)
-    p.add_argument("--prompt", default="\n", help="the text to continue: text, FILE:path, or - for stdin "
-                                                  "(default: a newline)")
+    p.add_argument("--prompt", help="the text to continue: text, FILE:path, or - for stdin (default: a newline, "
+                                    "or token 0 for a model of token ids); past block_size its last tokens are kept")
     p.add_argument("--num_samples", type=int, default=1, help="continuations of the prompt, decoded as one batch " + d)
     p.add_argument("--max_new_tokens", type=int, default=500, help="tokens generated per sample " + d)
     p.add_argument("--temperature", type=float, default=0.8, help="divides the logits: lower is more "
@@ -160,7 +223,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1337, help="seed of the sampling " + d)
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps " + d)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: bfloat16 on CUDA where supported, else float32 " + d)
+                   help=DTYPE_HELP + " " + d)
     p.add_argument("--no_cache", action="store_true", help="recompute the whole context every step (nanoGPT's "
                                                            "loop) instead of the two-tier cache")
     args = p.parse_args(argv)
@@ -177,11 +240,12 @@ def main(argv=None):
             if not os.path.exists(path):
                 raise ValueError(f"no checkpoint in {args.out_dir} (neither ckpt_best.pt nor ckpt_last.pt)")
         ckpt = load_checkpoint(path, device)
-        model, tokenizer = model_from_checkpoint(ckpt, device), Tokenizer(ckpt["tokenizer"])
-        prompt = read_prompt(args.prompt)
-        if not prompt:
-            raise ValueError("the prompt is empty")
-        prompt_ids = tokenizer.encode(prompt)
+        model, tokenizer = model_from_checkpoint(ckpt, device), tokenizer_from(ckpt, path)
+        prompt_ids = default_prompt_ids(tokenizer) if args.prompt is None else prompt_from(args.prompt, tokenizer)
+        block_size = model.config.block_size
+        if len(prompt_ids) > block_size:
+            print(f"note: the prompt's {len(prompt_ids)} tokens exceed block_size {block_size}: "
+                  f"the model sees its last {block_size}", file=sys.stderr)
         ctx, _ = autocast(device, args.dtype)
     except ValueError as e:
         sys.exit(f"error: {e}")

@@ -5,6 +5,7 @@ import io
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -374,11 +375,39 @@ def test_a_kill_between_evaluations_loses_at_most_ckpt_interval(corpus, tmp_path
         return lr_at(it, cfg)
     monkeypatch.setattr(train, "lr_at", interrupt)
     r = call(train.main, "--out_dir", str(tmp_path / "b"), *common)
-    assert r.returncode != 0 and "interrupted at iter 7" in r.stderr
+    fails_cleanly(r, "interrupted inside iter 7: it and the 2 finished since the last save are lost")
+    assert "ckpt_last.pt (iter 5; --init_from resume continues it)" in r.stderr
     assert torch.load(tmp_path / "b" / "ckpt_last.pt", weights_only=True)["iter_num"] == 5
     monkeypatch.setattr(train, "lr_at", lr_at)
     r = call(train.main, "--out_dir", str(tmp_path / "b"), "--init_from", "resume")
     assert "from iter 5" in r.stdout
+    a, b = (torch.load(tmp_path / d / "ckpt_last.pt", weights_only=True) for d in ("a", "b"))
+    assert a["iter_num"] == b["iter_num"] == 10
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_ctrl_c_saves_the_iteration_reached_and_resumes_the_same_run(corpus, tmp_path, monkeypatch):
+    """A SIGINT during iteration 7 (checkpoints every 5, evaluations at 0 and 10 only) lets
+    iteration 7 finish, saves ckpt_last.pt at iter 8 and exits non-zero; resumed, the run ends
+    with the very weights of one never stopped."""
+    _, _, dataset = corpus
+    common = ["--dataset", dataset, "--max_iters", "10", "--eval_interval", "100", "--ckpt_interval", "5", *TINY]
+    call(train.main, "--out_dir", str(tmp_path / "a"), *common)
+    lr_at, sent = train.lr_at, []
+    def ctrl_c(it, cfg):
+        if it == 7 and not sent:   # once (lr_at is called once per parameter group)
+            sent.append(it)
+            signal.raise_signal(signal.SIGINT)
+        return lr_at(it, cfg)
+    monkeypatch.setattr(train, "lr_at", ctrl_c)
+    r = call(train.main, "--out_dir", str(tmp_path / "b"), *common)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert f"interrupted: saved {tmp_path / 'b' / 'ckpt_last.pt'} at iter 8" in r.stderr, r.stderr
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # restored for pytest
+    assert torch.load(tmp_path / "b" / "ckpt_last.pt", weights_only=True)["iter_num"] == 8
+    monkeypatch.setattr(train, "lr_at", lr_at)
+    r = call(train.main, "--out_dir", str(tmp_path / "b"), "--init_from", "resume")
+    assert "from iter 8" in r.stdout
     a, b = (torch.load(tmp_path / d / "ckpt_last.pt", weights_only=True) for d in ("a", "b"))
     assert a["iter_num"] == b["iter_num"] == 10
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
@@ -396,14 +425,162 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_pa
     assert call(sample.main, "--ckpt", str(out / "ckpt_last.pt"), "--max_new_tokens", "5").returncode == 0
 
 
-def test_ddp_on_cpu_with_two_processes(corpus, tmp_path):
+@pytest.mark.parametrize("accumulation, share", [(1, "2 of every micro-step's 4 sequences"),
+                                                 (2, "1 of its 2 micro-steps")])
+def test_ddp_on_cpu_with_two_processes_computes_the_step_of_one(corpus, tmp_path, accumulation, share):
+    """torchrun with the defaults (one micro-step: each process takes half its sequences) and
+    with two micro-steps (one each) ends with the weights one process reaches on the same
+    iterations, to float tolerance."""
     _, _, dataset = corpus
-    out = tmp_path / "ddp"
-    r = run("-m torch.distributed.run --standalone --nproc_per_node=2 train.py", "--dataset", dataset,
-            "--out_dir", str(out), "--max_iters", "6", "--eval_interval", "6",
-            "--gradient_accumulation_steps", "2", *TINY)
-    assert "eval 6: train loss" in r.stdout
-    assert torch.load(out / "ckpt_last.pt", weights_only=True)["iter_num"] == 6
+    common = ["--dataset", dataset, "--max_iters", "6", "--eval_interval", "6",
+              "--gradient_accumulation_steps", str(accumulation), *TINY]
+    r = run("-m torch.distributed.run --standalone --nproc_per_node=2 train.py", "--out_dir",
+            str(tmp_path / "ddp"), *common)
+    assert "eval 6: train loss" in r.stdout and f"each computing {share}" in r.stdout, r.stdout
+    call(train.main, "--out_dir", str(tmp_path / "one"), *common)
+    ddp, one = (torch.load(tmp_path / d / "ckpt_last.pt", weights_only=True) for d in ("ddp", "one"))
+    assert ddp["iter_num"] == one["iter_num"] == 6
+    for k in one["model"]:
+        torch.testing.assert_close(ddp["model"][k], one["model"][k], rtol=1e-4, atol=1e-5)
+
+
+def test_ddp_refuses_an_iteration_it_cannot_share():
+    cfg = train.TrainConfig(batch_size=3, gradient_accumulation_steps=1)
+    with pytest.raises(ValueError, match="neither gradient_accumulation_steps=1 nor batch_size=3 divides"):
+        train.ddp_share(cfg, 2)
+
+
+def test_a_new_run_refuses_a_folder_that_holds_one(corpus, trained, tmp_path):
+    _, _, dataset = corpus
+    out, _ = trained
+    before = open(os.path.join(out, "ckpt_last.pt"), "rb").read()
+    fails_cleanly(call(train.main, "--dataset", dataset, "--out_dir", out, *TINY),
+                  "holds a run (ckpt_last.pt): --init_from resume continues it, --overwrite replaces it")
+    assert open(os.path.join(out, "ckpt_last.pt"), "rb").read() == before
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "ckpt_last.pt").write_bytes(before)
+    r = call(train.main, "--dataset", dataset, "--out_dir", str(copy), "--overwrite", "--max_iters", "2",
+             "--eval_interval", "2", *TINY)
+    assert r.returncode == 0 and torch.load(copy / "ckpt_last.pt", weights_only=True)["iter_num"] == 2
+
+
+def test_resume_and_convert_refuse_model_flags_they_cannot_honour(corpus, trained, tmp_path):
+    _, _, dataset = corpus
+    out, _ = trained   # TINY: 1 layer, window 8
+    fails_cleanly(call(train.main, "--out_dir", out, "--init_from", "resume", "--window", "16", "--n_layer", "2"),
+                  "--n_layer --window: --init_from resume continues the checkpoint's model (n_layer 1, window 8)")
+    r = call(train.main, "--out_dir", out, "--init_from", "resume", "--window", "8", "--max_iters", "20")
+    assert r.returncode == 0, r.stderr   # the checkpoint's own value is honoured
+    full = ["--window", "32", "--far_k_dim", "8", "--far_v_dim", "8"]
+    call(train.main, "--dataset", dataset, "--out_dir", str(tmp_path / "full"), "--max_iters", "2",
+         "--eval_interval", "2", *TINY, *full)
+    source = str(tmp_path / "full" / "ckpt_last.pt")
+    for flag, value, has in (("--rope", None, "rope False"), ("--n_head", "4", "n_head 2"),
+                             ("--kv_shift", None, "kv_shift False")):
+        fails_cleanly(call(train.main, "--dataset", dataset, "--init_from", "convert", "--convert_from", source,
+                           *TINY, flag, *([value] if value else [])),
+                      f"{flag}: --init_from convert keeps the source model's architecture ({has})")
+    r = call(train.main, "--dataset", dataset, "--init_from", "convert", "--convert_from", source, *TINY,
+             "--out_dir", str(tmp_path / "converted"), "--max_iters", "0", "--no-rope", "--n_layer", "1")
+    assert r.returncode == 0, r.stderr
+    settings = torch.load(tmp_path / "converted" / "ckpt_last.pt", weights_only=True)["train_config"]
+    assert (settings["rope"], settings["n_layer"], settings["window"]) == (False, 1, 8)
+
+
+def damage(path, out, entry_name, offset, change):
+    """A copy of a checkpoint with 8 bytes at `offset` in one zip entry's contents changed."""
+    import zipfile
+    data = bytearray(open(path, "rb").read())
+    entry = next(i for i in zipfile.ZipFile(path).infolist() if entry_name(i))
+    name_length, extra_length = np.frombuffer(data[entry.header_offset + 26:entry.header_offset + 30], "<u2")
+    start = entry.header_offset + 30 + int(name_length) + int(extra_length) + offset   # (the local header's lengths)
+    data[start:start + 8] = change(data[start:start + 8])
+    out.write_bytes(bytes(data))
+
+
+def flip_tensor_bytes(path, out):
+    """8 bytes inside the first tensor's data flipped."""
+    damage(path, out, lambda i: "/data/" in i.filename and i.file_size >= 64, 16, lambda old: bytes(b ^ 0xFF for b in old))
+
+
+def test_a_corrupted_checkpoint_is_refused_in_one_line(trained, tmp_path):
+    out, _ = trained
+    good = os.path.join(out, "ckpt_last.pt")
+    flip_tensor_bytes(good, tmp_path / "flipped.pt")
+    assert torch.load(tmp_path / "flipped.pt", weights_only=True)   # torch.load itself notices nothing
+    fails_cleanly(call(sample.main, "--ckpt", str(tmp_path / "flipped.pt")),
+                  "flipped.pt is a damaged checkpoint (truncated or corrupted: its contents do not match the checksum")
+    resume = tmp_path / "resume"
+    resume.mkdir()
+    flip_tensor_bytes(good, resume / "ckpt_last.pt")
+    fails_cleanly(call(train.main, "--out_dir", str(resume), "--init_from", "resume"), "do not match the checksum")
+    damage(good, tmp_path / "zeroed.pt", lambda i: i.filename.endswith("data.pkl"), 2, lambda old: bytes(8))
+    r = call(sample.main, "--ckpt", str(tmp_path / "zeroed.pt"))
+    fails_cleanly(r, "zeroed.pt is a damaged checkpoint")
+    assert "Python objects" not in r.stderr
+    assert sample.checksum({"a": torch.ones(2)}) != sample.checksum({"a": torch.ones(2, dtype=torch.float64)})
+
+
+def test_an_incomplete_checkpoint_says_what_it_lacks(trained, tmp_path):
+    out, _ = trained
+    ckpt = torch.load(os.path.join(out, "ckpt_last.pt"), weights_only=True)
+    for name in ("tokenizer", "model_config"):
+        torch.save({k: v for k, v in ckpt.items() if k not in (name, "checksum")}, tmp_path / "partial.pt")
+        fails_cleanly(call(sample.main, "--ckpt", str(tmp_path / "partial.pt")),
+                      f"partial.pt is an incomplete dar checkpoint: it has no {name}")
+    torch.save({**{k: v for k, v in ckpt.items() if k != "checksum"}, "tokenizer": {"chars": []}}, tmp_path / "t.pt")
+    fails_cleanly(call(sample.main, "--ckpt", str(tmp_path / "t.pt")), "has a tokenizer entry that cannot be rebuilt")
+    resume = tmp_path / "resume"
+    resume.mkdir()
+    torch.save({k: v for k, v in ckpt.items() if k not in ("optimizer", "checksum")}, resume / "ckpt_last.pt")
+    fails_cleanly(call(train.main, "--out_dir", str(resume), "--init_from", "resume"), "it has no optimizer")
+
+
+def test_non_finite_loss_before_any_checkpoint_says_so(corpus, tmp_path, monkeypatch):
+    """A model whose very first evaluation is not finite (as --rope_base -1 gave) leaves no
+    checkpoint, and the message says so rather than naming a file that is not there."""
+    _, _, dataset = corpus
+    monkeypatch.setattr(train, "estimate_loss", lambda *a: {"train": float("nan"), "val": float("nan")})
+    r = call(train.main, "--dataset", dataset, "--out_dir", str(tmp_path / "out"), "--max_iters", "20", *TINY)
+    fails_cleanly(r, "evaluation loss is nan at iter 0; stopped. No checkpoint of this run was written before it")
+    assert not (tmp_path / "out" / "ckpt_last.pt").exists()
+
+
+def test_bad_model_settings_are_refused(corpus):
+    _, _, dataset = corpus
+    fails_cleanly(call(train.main, "--dataset", dataset, *TINY, "--rope", "--rope_base", "-1"), "rope_base=-1.0 must be > 0")
+
+
+def test_a_slow_evaluation_says_how_long_it_will_take(corpus, tmp_path, monkeypatch):
+    """A clock that moves 10 s per evaluation batch: the first evaluation says 'about'
+    the time left for its other batches before they run."""
+    _, _, dataset = corpus
+    clock = [0.0]
+    monkeypatch.setattr(train.time, "time", lambda: clock[0])
+    get_batch = train.get_batch
+    def batch(data, split, cfg, rng, device):
+        clock[0] += 10.0 if rng.bit_generator.seed_seq.entropy[1] == 1 << 30 else 0.0   # evaluation batches
+        return get_batch(data, split, cfg, rng, device)
+    monkeypatch.setattr(train, "get_batch", batch)
+    r = call(train.main, "--dataset", dataset, "--out_dir", str(tmp_path), "--max_iters", "0", *TINY)
+    assert "evaluating: 4 batches at 10 s each, about 0m30s left" in r.stdout, r.stdout
+
+
+def test_sample_default_prompt_on_token_id_data_and_long_prompts(trained, tmp_path):
+    data = str(tmp_path / "recall")
+    recall.write_recall(data, pairs=2, block_size=16, n_keys=8, n_values=8, n_filler=4, train_seqs=50, val_seqs=10)
+    out = str(tmp_path / "recall_out")
+    args = ["--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--window", "4", "--far_k_dim", "2",
+            "--far_v_dim", "2", "--block_size", "16", "--batch_size", "4", "--eval_iters", "1", "--device", "cpu"]
+    r = call(train.main, "--dataset", data, "--out_dir", out, "--max_iters", "2", "--sample_tokens", "5", *args)
+    assert r.returncode == 0, r.stderr
+    r = call(sample.main, "--out_dir", out, "--max_new_tokens", "5")   # the default prompt: token 0
+    assert r.returncode == 0 and len(r.stdout.split()) == 6, r.stderr
+    fails_cleanly(call(sample.main, "--out_dir", out, "--prompt", "\n"), "encodes to no tokens")
+    out_char, _ = trained   # block_size 32
+    r = call(sample.main, "--out_dir", out_char, "--prompt", "ROMEO: " * 10, "--max_new_tokens", "3")
+    assert "note: the prompt's 70 tokens exceed block_size 32: the model sees its last 32" in r.stderr
 
 
 TINY_BENCH = ["--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--window", "4", "--far_dim", "2",

@@ -10,7 +10,8 @@ nanoGPT's baby Shakespeare on a CUDA GPU), and print a sample from the best chec
     python train.py --init_from convert --convert_from full/ckpt_best.pt --max_iters 200
     torchrun --standalone --nproc_per_node=2 train.py   # DDP: nccl on CUDA, gloo on CPU
 
-Every setting is a field of TrainConfig below, and a flag of the same name.
+Every setting is a flag below (a field of train.py's TrainConfig). Ctrl-C saves the
+iteration in progress to OUT_DIR/ckpt_last.pt and stops; a second Ctrl-C stops at once.
 """
 
 import argparse
@@ -18,7 +19,9 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Literal, get_args, get_origin
@@ -31,8 +34,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import dar
 from data.prepare import DATA_DIR, Tokenizer
 from data.prepare import main as prepare_default_dataset
-from sample import CHECKPOINT_FORMAT, autocast, cache_report, generate_samples, load_checkpoint, \
-    model_from_checkpoint, pick_device, read_checkpoint
+from sample import CHECKPOINT_FORMAT, DTYPE_HELP, autocast, cache_report, checksum, default_prompt_ids, \
+    generate_samples, load_checkpoint, model_from_checkpoint, pick_device, read_checkpoint, tokenizer_from
 
 DEFAULT_DATASET = "shakespeare_char"
 
@@ -47,11 +50,12 @@ class TrainConfig:
     # data and output
     dataset: str = setting(DEFAULT_DATASET, "a folder under data/ (or a path) holding train.bin, val.bin, meta.json")
     out_dir: str = setting("out", "where checkpoints (ckpt_last.pt, ckpt_best.pt) and eval_log.jsonl go")
+    overwrite: bool = setting(False, "a new run (scratch, convert) may replace the checkpoints in OUT_DIR")
     init_from: Literal["scratch", "resume", "convert"] = setting(
         "scratch", "a new model; continue OUT_DIR/ckpt_last.pt; or convert --convert_from to this DAR setting")
     convert_from: str = setting("", "convert: a full-dimension checkpoint, ours or nanoGPT's")
     calibration_seqs: int = setting(0, "convert: 0 rotates by the weights' SVD, N > 0 by PCA on N training sequences")
-    # model (ignored by resume and convert, which take the checkpoint's)
+    # model (resume keeps the checkpoint's, convert the source's architecture: both refuse a change)
     n_layer: int = setting(4, "transformer blocks")
     n_head: int = setting(4, "attention heads per block")
     n_embd: int = setting(128, "model width (head_dim = n_embd / n_head)")
@@ -72,15 +76,16 @@ class TrainConfig:
         "high", "rope: what a far key's first coordinates hold: high- or low-frequency pairs, or unrotated ones")
     # optimisation
     batch_size: int = setting(12, "sequences per micro-step")
-    gradient_accumulation_steps: int = setting(1, "micro-steps per iteration (split among DDP processes)")
+    gradient_accumulation_steps: int = setting(1, "micro-steps per iteration (DDP processes share them, or "
+                                                  "each micro-step's sequences)")
     max_iters: int = setting(1250, "training iterations")
     learning_rate: float = setting(1e-3, "peak learning rate (AdamW)")
     min_lr: float = setting(1e-4, "learning rate at the end of the cosine decay")
     warmup_iters: int = setting(50, "iterations of linear warm-up")
     lr_decay_iters: int = setting(0, "the cosine decay ends here; 0: max_iters")
     weight_decay: float = setting(0.1, "AdamW weight decay, on matrices only")
-    beta1: float = setting(0.9, "AdamW beta1")
-    beta2: float = setting(0.99, "AdamW beta2")
+    beta1: float = setting(0.9, "AdamW beta1: how slowly the running mean of gradients forgets")
+    beta2: float = setting(0.99, "AdamW beta2: how slowly the running mean of squared gradients forgets")
     grad_clip: float = setting(1.0, "clip the gradient norm to this; 0: off")
     # evaluation, checkpoints, logging, the closing sample
     eval_interval: int = setting(250, "evaluate (and save ckpt_last.pt, ckpt_best.pt) every this many iterations")
@@ -90,8 +95,7 @@ class TrainConfig:
     sample_tokens: int = setting(300, "tokens sampled from the best checkpoint at the end; 0: none")
     # system
     device: str = setting("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting(
-        "auto", "auto: bfloat16 on CUDA where supported, else float16; float32 elsewhere")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting("auto", DTYPE_HELP)
     compile: bool = setting(False, "torch.compile the model")
     seed: int = setting(1337, "seed of the weights, the batches and dropout")
 
@@ -131,6 +135,7 @@ def settings(given, device, resumed=None):
     the checkpoint's settings), then flags."""
     base = dataclasses.asdict(TrainConfig())
     if resumed is not None:
+        refuse_changes(given, resumed, MODEL_FIELDS, "--init_from resume continues the checkpoint's model")
         base.update(resumed)
     else:
         if torch.device(device).type == "cuda":
@@ -151,6 +156,22 @@ def settings(given, device, resumed=None):
         if name in given:
             raise ValueError(f"--{name} does not apply to --far_mode {cfg.far_mode}")
     return cfg
+
+
+# What --init_from resume keeps of the checkpoint, and convert of the source model.
+MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "window", "far_mode",
+                "far_k_dim", "far_v_dim", "far_latent_dim", "kv_shift", "rope", "rope_wpe", "rope_base",
+                "rope_prefix")
+CONVERT_KEEPS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "kv_shift", "rope", "rope_wpe",
+                 "rope_base", "rope_prefix")
+
+
+def refuse_changes(given, kept, names, why):
+    """A flag among `names` whose value differs from `kept`'s cannot be honoured: one line."""
+    changed = [name for name in names if name in given and given[name] != kept[name]]
+    if changed:
+        has = ", ".join(f"{name} {kept[name]!r}" for name in changed)
+        raise ValueError(f"{' '.join('--' + name for name in changed)}: {why} ({has}); drop the flag or start a new run")
 
 
 def far_settings(cfg):
@@ -221,18 +242,52 @@ def get_batch(data, split, cfg, rng, device):
     return x.to(device), y.to(device)
 
 
+def iteration_batches(data, cfg, it, rank, world, device):
+    """This process's share of iteration `it`'s batches. An iteration is the same
+    gradient_accumulation_steps batches of batch_size sequences however many processes
+    train (they depend on the seed and `it` only), so DDP computes the step one process
+    would. The processes share out the micro-steps where they divide evenly, as nanoGPT
+    does, else the sequences of each micro-step."""
+    rng = np.random.default_rng([cfg.seed, 0, it])   # (0: the batches of runs made before DDP shared them)
+    batches = [get_batch(data, "train", cfg, rng, device) for _ in range(cfg.gradient_accumulation_steps)]
+    if world == 1:
+        return batches
+    if cfg.gradient_accumulation_steps % world == 0:
+        share = cfg.gradient_accumulation_steps // world
+        return batches[rank * share:(rank + 1) * share]
+    rows = cfg.batch_size // world
+    return [(x[rank * rows:(rank + 1) * rows], y[rank * rows:(rank + 1) * rows]) for x, y in batches]
+
+
+def ddp_share(cfg, world):
+    """What each of `world` processes computes of an iteration, in words; ValueError where
+    neither the micro-steps nor the sequences divide among them."""
+    if cfg.gradient_accumulation_steps % world == 0:
+        return f"{cfg.gradient_accumulation_steps // world} of its {cfg.gradient_accumulation_steps} micro-steps"
+    if cfg.batch_size % world == 0:
+        return f"{cfg.batch_size // world} of every micro-step's {cfg.batch_size} sequences"
+    raise ValueError(f"neither gradient_accumulation_steps={cfg.gradient_accumulation_steps} nor "
+                     f"batch_size={cfg.batch_size} divides among the {world} processes")
+
+
 @torch.no_grad()
 def estimate_loss(model, data, cfg, device, ctx):
-    """Mean loss over eval_iters batches per split; the same batches at every evaluation."""
+    """Mean loss over eval_iters batches per split; the same batches at every evaluation.
+    Where the first batch is slow (a long block_size), says how long the rest will take."""
     model.eval()
     losses = {}
+    started = time.time()
     for split in ("train", "val"):
         rng = np.random.default_rng([cfg.seed, 1 << 30])
         total = 0.0
-        for _ in range(cfg.eval_iters):
+        for i in range(cfg.eval_iters):
             x, y = get_batch(data, split, cfg, rng, device)
             with ctx:
                 total += model(x, y)[1].item()
+            first_batch = time.time() - started
+            if split == "train" and i == 0 and first_batch > 5:
+                print(f"evaluating: {2 * cfg.eval_iters} batches at {first_batch:.0f} s each, about "
+                      f"{format_time(first_batch * (2 * cfg.eval_iters - 1))} left", flush=True)
         losses[split] = total / cfg.eval_iters
     model.train()
     return losses
@@ -267,11 +322,15 @@ def full_model_from(path, device, dropout):
     return model_from_checkpoint({"model_config": {**config, "dropout": dropout}, "model": state}, device)
 
 
-def build_model(cfg, data, tokenizer, device, resumed):
+def build_model(cfg, given, data, tokenizer, device, resumed):
     if resumed is not None:
         return model_from_checkpoint(resumed, device).train()
     if cfg.init_from == "convert":
         full = full_model_from(cfg.convert_from, device, cfg.dropout)
+        source = dataclasses.asdict(full.config)
+        refuse_changes(given, source, CONVERT_KEEPS, "--init_from convert keeps the source model's architecture")
+        for name in CONVERT_KEEPS:   # the run's settings say what the model is
+            setattr(cfg, name, source[name])
         if full.config.vocab_size < tokenizer.vocab_size:
             raise ValueError(f"{cfg.convert_from} has vocab_size {full.config.vocab_size}, "
                              f"the dataset needs {tokenizer.vocab_size}")
@@ -293,6 +352,7 @@ def save_checkpoint(path, model, optimizer, cfg, tokenizer, iter_num, best_val_l
             "iter_num": iter_num, "best_val_loss": best_val_loss, "val_loss": val_loss,
             "train_config": dataclasses.asdict(cfg), "tokenizer": tokenizer.meta,
             "rng_state": torch.get_rng_state()}
+    ckpt["checksum"] = checksum(ckpt)   # loading checks it (sample.read_checkpoint)
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         torch.save(ckpt, f)
@@ -328,6 +388,7 @@ def evaluate_and_save(model, optimizer, data, cfg, tokenizer, state, device, ctx
     for name in ["last"] + (["best"] if best else []):
         save_checkpoint(os.path.join(cfg.out_dir, f"ckpt_{name}.pt"), model, optimizer, cfg, tokenizer,
                         state["iter_num"], state["best_val_loss"], losses["val"])
+    state["saved_iter"] = state["iter_num"]
     with open(os.path.join(cfg.out_dir, "eval_log.jsonl"), "a") as f:   # the loss curves
         f.write(json.dumps({"iter": state["iter_num"], "train_loss": losses["train"],
                             "val_loss": losses["val"]}) + "\n")
@@ -342,6 +403,7 @@ def save_between_evaluations(model, optimizer, cfg, tokenizer, state):
         raise FloatingPointError(f"the weights are not finite at iter {state['iter_num']}")
     save_checkpoint(os.path.join(cfg.out_dir, "ckpt_last.pt"), model, optimizer, cfg, tokenizer,
                     state["iter_num"], state["best_val_loss"], state["val_loss"])
+    state["saved_iter"] = state["iter_num"]
 
 
 def evaluations_left(it, cfg):
@@ -350,15 +412,45 @@ def evaluations_left(it, cfg):
     return cfg.max_iters // cfg.eval_interval - it // cfg.eval_interval + (cfg.max_iters % cfg.eval_interval > 0)
 
 
-def train(model, optimizer, data, cfg, tokenizer, state, device, ctx, dtype, ddp):
+class StopRequest:
+    """Ctrl-C (SIGINT) while training asks to stop once the iteration in progress is done,
+    so that it can be saved; a second Ctrl-C raises KeyboardInterrupt at once."""
+
+    def __init__(self):
+        self.asked = False
+        self.installed = threading.current_thread() is threading.main_thread()   # (signals: main thread only)
+        if self.installed:
+            self.previous = signal.signal(signal.SIGINT, self.ask)
+
+    def ask(self, signum, frame):
+        self.asked = True
+        print("\ninterrupt: stopping after this iteration, which is saved (Ctrl-C again: stop now)",
+              file=sys.stderr, flush=True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def agreed(self, ddp):
+        """Whether to stop now; with DDP, every process stops if one was asked."""
+        if not ddp:
+            return self.asked
+        flag = torch.tensor([float(self.asked)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self):
+        if self.installed:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def train(model, optimizer, data, cfg, tokenizer, state, device, ctx, dtype, ddp, stop):
     """Runs iterations state['iter_num'] .. max_iters; on the master, evaluates and saves
-    every eval_interval iterations and at the end, saves ckpt_last.pt every ckpt_interval."""
+    every eval_interval iterations and at the end, saves ckpt_last.pt every ckpt_interval.
+    Returns False where `stop` was asked first (the iteration reached is saved)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     train_model = torch.compile(model) if cfg.compile else model
     if ddp:
         train_model = DDP(train_model, device_ids=[torch.device(device).index] if "cuda" in device else None)
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=dtype == "float16")
-    tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * world
+    tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
     start_iter, t_last, per_iter, eval_seconds = state["iter_num"], time.time(), None, 0.0
     while True:
         it = state["iter_num"]
@@ -371,17 +463,20 @@ def train(model, optimizer, data, cfg, tokenizer, state, device, ctx, dtype, ddp
                 save_between_evaluations(model, optimizer, cfg, tokenizer, state)
             t_last += time.time() - t_save   # ms/iter and tok/s count training only
         if it >= cfg.max_iters:
-            return
+            return True
+        if stop.agreed(ddp):
+            if rank == 0 and state["saved_iter"] != it:
+                save_between_evaluations(model, optimizer, cfg, tokenizer, state)
+            return False
         for group in optimizer.param_groups:
             group["lr"] = lr_at(it, cfg)
-        rng = np.random.default_rng([cfg.seed, rank, it])   # this iteration's batches
+        batches = iteration_batches(data, cfg, it, rank, world, device)
         loss_sum = 0.0
-        for micro in range(cfg.gradient_accumulation_steps):
+        for micro, (x, y) in enumerate(batches):
             if ddp:   # synchronise gradients on the last micro-step only
-                train_model.require_backward_grad_sync = micro == cfg.gradient_accumulation_steps - 1
-            x, y = get_batch(data, "train", cfg, rng, device)
+                train_model.require_backward_grad_sync = micro == len(batches) - 1
             with ctx:
-                loss = train_model(x, y)[1] / cfg.gradient_accumulation_steps
+                loss = train_model(x, y)[1] / len(batches)
             scaler.scale(loss).backward()
             loss_sum += loss.item()
         if not math.isfinite(loss_sum):
@@ -408,16 +503,33 @@ def closing_sample(cfg, device, ctx):
     """A short sample from the best checkpoint, decoded with the two-tier cache."""
     path = os.path.join(cfg.out_dir, "ckpt_best.pt")
     ckpt = load_checkpoint(path, device)
-    model, tokenizer = model_from_checkpoint(ckpt, device), Tokenizer(ckpt["tokenizer"])
+    model, tokenizer = model_from_checkpoint(ckpt, device), tokenizer_from(ckpt, path)
     print(f"--- sample from {path} (iter {ckpt['iter_num']}, val loss {ckpt['val_loss']:.4f}), "
           "decoded with the two-tier KV cache ---")
     torch.manual_seed(cfg.seed)
-    try:
-        prompt = tokenizer.encode("\n") or [0]   # token 0 for token-id data
-    except ValueError:   # a character vocabulary without newlines
-        prompt = [0]
+    prompt = default_prompt_ids(tokenizer)
     tokens_per_s, stats = generate_samples(model, tokenizer, prompt, cfg.sample_tokens, ctx=ctx)
     print(f"--- {cache_report(stats)}; {tokens_per_s:.0f} tokens/s ---")
+
+
+RESUME_NEEDS = ("model_config", "model", "tokenizer", "optimizer", "iter_num", "best_val_loss", "val_loss",
+                "train_config", "rng_state")
+
+
+def describe(c):
+    """The model's settings on one line."""
+    far = (f"far_mode latent, far_latent_dim {c.far_latent_dim}" if c.far_mode == "latent"
+           else f"far_k_dim {c.far_k_dim}, far_v_dim {c.far_v_dim}")
+    rope = f"rope (base {c.rope_base:g}, prefix {c.rope_prefix}{', wpe kept' if c.rope_wpe else ''})" if c.rope else "wpe"
+    return (f"n_layer {c.n_layer}, n_head {c.n_head}, n_embd {c.n_embd}, block_size {c.block_size}; "
+            f"window {c.window}, {far}, kv_shift {c.kv_shift}, positions {rope}")
+
+
+def kept_checkpoint(last, state):
+    """What a stopped run leaves behind, in words."""
+    if state["saved_iter"] is None:
+        return "No checkpoint of this run was written before it"
+    return f"The last good checkpoint is untouched: {last} (iter {state['saved_iter']}; --init_from resume continues it)"
 
 
 def setup(argv):
@@ -433,26 +545,31 @@ def setup(argv):
             torch.cuda.set_device(device)
     resumed = None
     if given.get("init_from") == "resume":
-        resumed = load_checkpoint(os.path.join(given.get("out_dir", "out"), "ckpt_last.pt"), device)
+        resumed = load_checkpoint(os.path.join(given.get("out_dir", "out"), "ckpt_last.pt"), device, RESUME_NEEDS)
     cfg = settings(given, device, None if resumed is None else resumed["train_config"])
     cfg.init_from = given.get("init_from", "scratch")
-    if ddp:
-        world = dist.get_world_size()
-        if cfg.gradient_accumulation_steps % world:
-            raise ValueError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} "
-                             f"must be divisible by the {world} processes")
-        cfg.gradient_accumulation_steps //= world
     master = not ddp or dist.get_rank() == 0
+    if ddp:
+        share = ddp_share(cfg, dist.get_world_size())
+        if master:
+            print(f"DDP: {dist.get_world_size()} processes, each computing {share} of an iteration "
+                  "(the same step as one process)", flush=True)
+    if resumed is None and not cfg.overwrite:
+        held = [n for n in ("ckpt_last.pt", "ckpt_best.pt") if os.path.exists(os.path.join(cfg.out_dir, n))]
+        if held:
+            raise ValueError(f"{cfg.out_dir} holds a run ({held[0]}): --init_from resume continues it, "
+                             "--overwrite replaces it, --out_dir DIR starts elsewhere")
     torch.manual_seed(cfg.seed + (dist.get_rank() if ddp else 0))
     data, tokenizer = open_dataset(cfg, master)
     if resumed is not None and resumed["tokenizer"]["vocab_size"] != tokenizer.vocab_size:
         raise ValueError(f"the checkpoint's tokenizer does not match dataset {cfg.dataset}")
-    model = build_model(cfg, data, tokenizer, device, resumed)
+    model = build_model(cfg, given, data, tokenizer, device, resumed)
     optimizer = configure_optimizer(model, cfg, device)
-    state = {"iter_num": 0, "best_val_loss": float("inf"), "val_loss": None}
+    state = {"iter_num": 0, "best_val_loss": float("inf"), "val_loss": None, "saved_iter": None}
     if resumed is not None:
         optimizer.load_state_dict(resumed["optimizer"])
         state = {key: resumed[key] for key in ("iter_num", "best_val_loss", "val_loss")}
+        state["saved_iter"] = state["iter_num"]
         torch.set_rng_state(resumed["rng_state"].cpu())
     return cfg, device, data, tokenizer, model, optimizer, state, ddp, master
 
@@ -469,21 +586,24 @@ def main(argv=None):
         if cfg.init_from != "resume" and os.path.exists(log):
             os.remove(log)   # a new run, a new curve
         c = model.config
-        far = (f"far_mode latent, far_latent_dim {c.far_latent_dim}" if c.far_mode == "latent"
-               else f"far_k_dim {c.far_k_dim}, far_v_dim {c.far_v_dim}")
-        print(f"device {device}, {dtype}; {model.get_num_params() / 1e6:.2f}M parameters; "
-              f"n_layer {c.n_layer}, n_head {c.n_head}, n_embd {c.n_embd}, block_size {c.block_size}; "
-              f"window {c.window}, {far}, kv_shift {c.kv_shift}; from iter {state['iter_num']}", flush=True)
+        print(f"device {device}, {dtype}; {model.get_num_params() / 1e6:.2f}M parameters; {describe(model.config)}; "
+              f"from iter {state['iter_num']}", flush=True)
+    stop = StopRequest()
+    last = os.path.join(cfg.out_dir, "ckpt_last.pt")
     try:
-        train(model, optimizer, data, cfg, tokenizer, state, device, ctx, dtype, ddp)
+        finished = train(model, optimizer, data, cfg, tokenizer, state, device, ctx, dtype, ddp, stop)
     except FloatingPointError as e:
-        last = os.path.join(cfg.out_dir, "ckpt_last.pt")
-        sys.exit(f"error: {e}; stopped. The last good checkpoint is untouched: {last}")
+        sys.exit(f"error: {e}; stopped. {kept_checkpoint(last, state)}")
     except KeyboardInterrupt:
-        sys.exit(f"interrupted at iter {state['iter_num']}; continue with --init_from resume")
+        done = state["iter_num"] - (state["saved_iter"] or 0)
+        sys.exit(f"interrupted inside iter {state['iter_num']}: it and the {done} finished since the last save "
+                 f"are lost. {kept_checkpoint(last, state)}")
     finally:
+        stop.restore()
         if ddp:
             dist.destroy_process_group()
+    if not finished:
+        sys.exit(f"interrupted: saved {last} at iter {state['iter_num']}; continue with --init_from resume")
     if master and cfg.sample_tokens > 0:
         closing_sample(cfg, device, ctx)
 
