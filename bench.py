@@ -68,6 +68,23 @@ def far_tier(regime):
     return f"k {regime['far_k_dim']}, v {regime['far_v_dim']}"
 
 
+def row_label(name, regime):
+    """A row as the README's tables name it: 'dar, k 8 + v 8, rope (unrotated prefix)'."""
+    kind = name.split()[0].replace("_", " ")
+    if kind == "full":
+        label = "full attention"
+    elif kind == "sliding":
+        label = f"sliding window {regime['window']}"
+    elif regime.get("far_mode") == "latent":
+        label = f"{kind} latent, r {regime['far_latent_dim']}"
+    else:
+        label = f"{kind}, k {regime['far_k_dim']} + v {regime['far_v_dim']}"
+    if regime.get("rope"):
+        prefix = "" if kind == "full" else f" ({regime.get('rope_prefix', 'high')} prefix)"
+        label += f", rope{prefix}" + (" + wpe" if regime.get("rope_wpe") else "")
+    return label
+
+
 def flags(regime):
     """GPTConfig fields as train.py flags: --name value, or --name / --no-name for a bool."""
     return [x for name, value in regime.items() for x in
@@ -274,7 +291,7 @@ def bench_decode(args):
     report(args, "decode", [table, "Time to first token (prefill of the whole prompt, batch 1):\n\n" + prefill_table,
                             sample_table], {"rows": results, "prefill": prefill, "regimes": configs,
                                             "block_size": block_size, "sample_seconds": sample_s})
-    plot_decode(results, prefill, os.path.join(args.out_dir, "decode.png"))
+    plot_decode(results, prefill, configs, os.path.join(args.out_dir, "decode.png"))
 
 
 def bench_prefill(args, models, caches, ctx, device):
@@ -412,13 +429,15 @@ def bench_quality(args):
     variant_table = markdown(["regime", "window", "far tier", "kv_shift", f"final val loss ({len(seeds)} seeds: median, range)",
                               "vs full", f"KV bytes/token at T={args.block_size} vs full"], rows)
     first = {name: runs[0] for name, runs in curves.items()}   # the first seed's curves
+    medians = {name: [(it, statistics.median(run[i][1] for run in runs)) for i, (it, _) in enumerate(runs[0])]
+               for name, runs in curves.items()}
     curve_table = markdown(["iter"] + list(first), [[it] + [f"{first[n][i][1]:.4f}" for n in first]
                                                    for i, (it, _) in enumerate(next(iter(first.values())))])
     conversions = convert_and_fine_tune(args, configs) if "full" in curves else ("(no conversions: full not run)", {})
     report(args, "quality", [variant_table, f"val loss during training (seed {seeds[0]}):\n\n" + curve_table,
                              conversions[0]], {"variants": variants, "seeds": seeds, "curves": curves,
                                                "final_val_loss": final, "conversion": conversions[1]})
-    plot_curves(first, os.path.join(args.out_dir, "quality.png"))
+    plot_curves(medians, len(seeds), os.path.join(args.out_dir, "quality.png"))
 
 
 def convert_and_fine_tune(args, configs):
@@ -453,9 +472,9 @@ def pyplot():
         return None
 
 
-def plot_curves(curves, path):
-    """Val loss against iteration, one line per regime, from the first evaluation after init;
-    the legend beside the axes, clear of the data."""
+def plot_curves(curves, n_seeds, path):
+    """Val loss against iteration, one line per regime (the median over n_seeds seeds), from
+    the first evaluation after init; the legend beside the axes, clear of the data."""
     plt = pyplot()
     if plt is None:
         return
@@ -468,7 +487,9 @@ def plot_curves(curves, path):
         style = ":" if name.endswith("n/4") else "--" if latent else "-."if rope else "-"
         ax.plot(*zip(*curve[1:]), marker="s" if latent else "^" if rope else ".", markersize=4, color=color,
                 linestyle=style, label=name)
-    ax.set(title="validation loss while training (lower is better)", xlabel="iteration", ylabel="val loss")
+    seeds = f"median of {n_seeds} seeds" if n_seeds > 1 else "one seed"
+    ax.set(title=f"validation loss while training, {seeds} (lower is better)", xlabel="iteration",
+           ylabel="val loss")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8,
               title="solid: slice far tier\ndashed, squares: latent\ndash-dot, triangles: rope", title_fontsize=8)
@@ -477,31 +498,34 @@ def plot_curves(curves, path):
     plt.close(fig)
 
 
-def plot_decode(results, prefill, path):
+def plot_decode(results, prefill, configs, path):
     """Decode step time against context length at each batch size, time to first token
-    against prompt length, and KV bytes held per sequence."""
+    against prompt length, and KV bytes held per sequence; each regime labelled with what a
+    distant token keeps (configs: name -> GPTConfig fields)."""
     plt = pyplot()
     if plt is None:
         return
     batch_sizes = sorted({r["B"] for r in results})
     fig, axes = plt.subplots(1, len(batch_sizes) + 2, figsize=(4.2 * (len(batch_sizes) + 2), 4.6))
-    for name, style in (("static", "k--"), ("full", "C0-"), ("dar", "C3-"), ("uniform", "C2-"),
-                        ("thin_keys", "C1-"), ("sliding", "C7-"), ("dar latent", "C3:"),
-                        ("dar latent n/4", "C4:"), ("uniform latent", "C2:")):
-        label = "static full cache (the peer)" if name == "static" else name
+    for name, style, marker in (("static", "k--", "."), ("full", "C0-", "."), ("dar", "C3-", "."),
+                                ("uniform", "C2-", "."), ("thin_keys", "C1-", "."), ("sliding", "C7-", "."),
+                                ("dar latent", "C3:", "s"), ("dar latent n/4", "C4-.", "^"),
+                                ("uniform latent", "C2:", "D")):
+        label = "static full cache (the peer)" if name == "static" else row_label(name, configs[name])
         for ax, B in zip(axes, batch_sizes):
             rows = [r for r in results if r["regime"] == name and r["B"] == B]
-            ax.plot([r["T"] for r in rows], [r["ms_per_step"] for r in rows], style, marker=".", label=label)
+            ax.plot([r["T"] for r in rows], [r["ms_per_step"] for r in rows], style, marker=marker, markersize=5,
+                    label=label)
             ax.set(title=f"decode step, batch {B}", xlabel="context length T", ylabel="ms per token step")
         rows = [r for r in prefill if r["regime"] == name]
-        axes[-2].plot([r["T"] for r in rows], [r["ms"] for r in rows], style, marker="o", label=label)
+        axes[-2].plot([r["T"] for r in rows], [r["ms"] for r in rows], style, marker=marker, markersize=5, label=label)
         if name != "static":   # the peer holds what the full regime holds
             rows = [r for r in results if r["regime"] == name and r["B"] == batch_sizes[0]]
             axes[-1].plot([r["T"] for r in rows], [r["held_bytes"] / r["B"] / 2**20 for r in rows], style,
-                          marker=".", label=name)
+                          marker=marker, markersize=5, label=label)
     axes[-2].set(title="time to first token, batch 1", xlabel="prompt length T", ylabel="ms (prefill)")
     axes[-1].set(title="KV cache held per sequence", xlabel="context length T", ylabel="MiB")
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", bbox_to_anchor=(0.5, 0.06), ncol=5)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", bbox_to_anchor=(0.5, 0.06), ncol=3)
     fig.text(0.5, 0.01, "the peer: a plain preallocated full cache (as gpt-fast and nanochat keep one) with nanoGPT's "
              "forward, written in bench.py apart from dar.py; lower is better", ha="center", fontsize=8)
     for ax in axes:
@@ -630,26 +654,35 @@ def bench_recall(args):
     plot_recall(variants, results, os.path.join(args.out_dir, "recall.png"))
 
 
-def plot_recall(variants, results, path):
-    """Accuracy on all answers per regime: one dot per seed, a bar at the median; learned
-    positions left, rotary ones right."""
+def plot_recall(variants, results, path, n_values=64):
+    """Accuracy on all answers per regime: one dot per seed, a bar at the median; chance (one
+    of n_values values) and, per kind of positions, the bar a seed must reach to count as
+    learned in the table (90% of full attention's median)."""
     plt = pyplot()
     if plt is None:
         return
     names = list(variants)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.62 * len(names) + 1.5), 4.4))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.62 * len(names) + 1.5), 4.8))
     for x, name in enumerate(names):
         accuracies = [100 * run["all"][0] for run in results[name]]
         color = "C1" if variants[name].get("rope") else "C0"
         ax.scatter([x] * len(accuracies), accuracies, color=color, alpha=0.7, zorder=3,
                    label=("rotary positions" if variants[name].get("rope") else "learned positions") + ", one seed")
         ax.hlines(statistics.median(accuracies), x - 0.3, x + 0.3, color=color, linewidth=2.5, label="median of the seeds")
+    for reference, color in (("full", "C0"), ("full rope", "C1")):
+        xs = [x for x, name in enumerate(names) if ("rope" in name) == (reference == "full rope")]
+        if reference in results and xs:
+            bar = 90 * statistics.median(run["all"][0] for run in results[reference])
+            ax.hlines(bar, min(xs) - 0.4, max(xs) + 0.4, color=color, linestyle="--", linewidth=1,
+                      label="learned: 90% of full attention's median")
+    ax.axhline(100 / n_values, color="gray", linestyle=":", linewidth=1, label=f"chance (1 of {n_values} values)")
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles))
     ax.legend(unique.values(), unique.keys(), loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
-    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
+    ax.set_xticks(range(len(names)), [row_label(name, variants[name]) for name in names], rotation=60, ha="right",
+                  fontsize=8)
     ax.set(ylabel="recall accuracy, all answers (%)", ylim=(-3, 103),
-           title="associative recall, 8 pairs, mostly beyond the window: does each seed learn it?")
+           title="associative recall, 8 pairs, mostly beyond the window:\ndoes each seed learn it?")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -809,6 +842,22 @@ CAPACITY_QUICK = dict(pairs=[4, 16], dims=[2, 8], tied_dims=[4], seeds=1)
 RECALL_QUICK = dict(block_size=64, window=8, max_iters=600, eval_interval=200, train_seqs=5000, val_seqs=200)
 
 
+# What the flags that several sub-commands share mean, for --help.
+MEANING = dict(
+    n_layer="transformer blocks of every model", n_head="attention heads per block",
+    n_embd="model width (head_dim = n_embd / n_head)", batch_size="sequences per training batch",
+    window="DAR's window: tokens at distance < window keep full dimensions",
+    far_dim="far_k_dim = far_v_dim of the DAR rows (0: head_dim / 4)",
+    device="auto (cuda, then mps, then cpu), cpu, cuda, mps", out_dir="where the JSON, the runs and the PNGs go",
+    vocab_size="vocabulary of the random tokens timed", block_size="the longest context of every model, in tokens",
+    max_iters="training iterations of every run", eval_interval="evaluate the val loss every this many iterations",
+    eval_iters="batches per evaluation", warmup_iters="iterations of linear learning-rate warm-up",
+    learning_rate="peak learning rate (AdamW)", weight_decay="AdamW weight decay, on matrices only",
+    log_interval="print train.py's progress line every this many iterations",
+    seed="the first seed: seeds --seed, --seed + 1, ... where a row has several",
+    train_seqs="recall sequences generated for training", val_seqs="recall sequences generated to measure accuracy")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -819,86 +868,94 @@ def main(argv=None):
     attention.add_argument("--sequences", type=int, default=200, help="validation sequences read " + d)
     tiers = sub.add_parser("tiers", help=bench_tiers.__doc__)
     tiers.add_argument("--block_size", type=int, default=96, help="tokens in the context drawn " + d)
-    tiers.add_argument("--window", type=int, default=16, help=d)
-    tiers.add_argument("--head_dim", type=int, default=32, help=d)
-    tiers.add_argument("--far_dim", type=int, default=8, help="far_k_dim = far_v_dim " + d)
-    tiers.add_argument("--vocab_size", type=int, default=65, help=d)
-    tiers.add_argument("--out_dir", default="bench_out", help=d)
+    tiers.add_argument("--window", type=int, default=16, help="tokens drawn whole, at the end " + d)
+    tiers.add_argument("--head_dim", type=int, default=32, help="coordinates of the one head drawn " + d)
+    tiers.add_argument("--far_dim", type=int, default=8, help="far_k_dim = far_v_dim: coordinates every token keeps " + d)
+    tiers.add_argument("--vocab_size", type=int, default=65, help="vocabulary of the random model drawn " + d)
+    tiers.add_argument("--out_dir", default="bench_out", help="where tiers.png goes " + d)
     for name, size in (("speed", (4, 4, 128, 16, 64, 8)), ("decode", (4, 4, 256, None, 128, 16)),
                        ("quality", (4, 4, 128, 8, 32, 0)), ("recall", (2, 2, 64, 32, 16, 0)),
                        ("capacity", (1, 2, 64, 32, 12, None))):
         s = sub.add_parser(name, help=globals()[f"bench_{name}"].__doc__)
         for flag, default in zip(("n_layer", "n_head", "n_embd", "batch_size", "window", "far_dim"), size):
             if default is not None:   # decode has --batch_sizes, capacity --dims instead
-                s.add_argument(f"--{flag}", type=int, default=default, help=d)
-        s.add_argument("--device", default="auto", help=d)
-        s.add_argument("--out_dir", default="bench_out", help=d)
-        s.add_argument("--vocab_size", type=int, default=65, help="random tokens' vocabulary " + d)
+                s.add_argument(f"--{flag}", type=int, default=default, help=f"{MEANING[flag]} {d}")
+        for flag, default in (("device", "auto"), ("out_dir", "bench_out")):
+            s.add_argument(f"--{flag}", default=default, help=f"{MEANING[flag]} {d}")
+        s.add_argument("--vocab_size", type=int, default=65, help=f"{MEANING['vocab_size']} {d}")
     speed, decode, quality, recall, capacity = (sub.choices[n] for n in ("speed", "decode", "quality", "recall",
                                                                            "capacity"))
-    speed.add_argument("--block_size", type=int, default=256, help=d)
-    speed.add_argument("--repeats", type=int, default=7, help=d)
-    speed.add_argument("--warmup", type=int, default=2, help=d)
-    speed.add_argument("--gen_block_size", type=int, default=1024, help=d)
+    speed.add_argument("--block_size", type=int, default=256, help="the training step's sequence length " + d)
+    speed.add_argument("--repeats", type=int, default=7, help="timed training steps per variant (the median) " + d)
+    speed.add_argument("--warmup", type=int, default=2, help="untimed training steps per variant first " + d)
+    speed.add_argument("--gen_block_size", type=int, default=1024, help="the context of the generation rows " + d)
     speed.add_argument("--gen_tokens", type=int, default=1023, help="a 1-token prompt then fills gen_block_size " + d)
-    speed.add_argument("--gen_repeats", type=int, default=3, help=d)
-    decode.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8], help=d)
-    decode.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 2048, 4096], help=d)
+    speed.add_argument("--gen_repeats", type=int, default=3, help="timed generations per variant (the median) " + d)
+    decode.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8], help="batch sizes of the decode "
+                        "rows " + d)
+    decode.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 2048, 4096], help="context lengths "
+                        "of the decode rows (block_size is the longest) " + d)
     decode.add_argument("--steps", type=int, default=40, help="one-token steps timed, variants interleaved " + d)
-    decode.add_argument("--warmup", type=int, default=5, help=d)
+    decode.add_argument("--warmup", type=int, default=5, help="untimed steps per variant before the timed ones " + d)
     decode.add_argument("--prefill_chunk", type=int, default=512, help="the decode rows' contexts are filled "
                         "in chunks of this many tokens " + d)
     decode.add_argument("--prefill_lengths", type=int, nargs="+", default=[1024, 4096],
                         help="prompt lengths for time to first token " + d)
-    decode.add_argument("--prefill_repeats", type=int, default=5, help=d)
+    decode.add_argument("--prefill_repeats", type=int, default=5, help="timed prefills per variant (the median) " + d)
     decode.add_argument("--num_samples", type=int, default=8, help="batched against sequential sampling " + d)
-    decode.add_argument("--sample_tokens", type=int, default=256, help=d)
-    decode.add_argument("--sample_prompt", type=int, default=256, help="prompt tokens " + d)
-    decode.add_argument("--sample_repeats", type=int, default=3, help=d)
+    decode.add_argument("--sample_tokens", type=int, default=256, help="tokens generated per sample there " + d)
+    decode.add_argument("--sample_prompt", type=int, default=256, help="prompt tokens of those samples " + d)
+    decode.add_argument("--sample_repeats", type=int, default=3, help="timed sampling runs (the median) " + d)
     for s, (block, iters, interval, warmup, lr, wd) in ((quality, (256, 1500, 250, 100, 1e-3, 0.1)),
                                                          (recall, (128, 1500, 500, 100, 3e-3, 0.1)),
                                                          (capacity, (96, 500, 250, 50, 3e-3, 0.1))):
-        s.add_argument("--block_size", type=int, default=block, help=d)
-        s.add_argument("--max_iters", type=int, default=iters, help=d)
-        s.add_argument("--eval_interval", type=int, default=interval, help=d)
-        s.add_argument("--eval_iters", type=int, default=20, help=d)
-        s.add_argument("--warmup_iters", type=int, default=warmup, help=d)
-        s.add_argument("--learning_rate", type=float, default=lr, help=d)
-        s.add_argument("--weight_decay", type=float, default=wd, help=d)
-        s.add_argument("--log_interval", type=int, default=50, help=d)
-        s.add_argument("--seed", type=int, default=1337, help=d)
+        s.add_argument("--block_size", type=int, default=block, help=f"{MEANING['block_size']} {d}")
+        s.add_argument("--max_iters", type=int, default=iters, help=f"{MEANING['max_iters']} {d}")
+        s.add_argument("--eval_interval", type=int, default=interval, help=f"{MEANING['eval_interval']} {d}")
+        s.add_argument("--eval_iters", type=int, default=20, help=f"{MEANING['eval_iters']} {d}")
+        s.add_argument("--warmup_iters", type=int, default=warmup, help=f"{MEANING['warmup_iters']} {d}")
+        s.add_argument("--learning_rate", type=float, default=lr, help=f"{MEANING['learning_rate']} {d}")
+        s.add_argument("--weight_decay", type=float, default=wd, help=f"{MEANING['weight_decay']} {d}")
+        s.add_argument("--log_interval", type=int, default=50, help=f"{MEANING['log_interval']} {d}")
+        s.add_argument("--seed", type=int, default=1337, help=f"{MEANING['seed']} {d}")
         s.add_argument("--resume", action="store_true", help="continue each run from the ckpt_last.pt in its folder, "
                        "if there is one: an interrupted bench picks up where it stopped, a finished run is only "
                        "read (the folders must come from this revision) " + d)
-    quality.add_argument("--dataset", default=train.DEFAULT_DATASET, help=d)
-    quality.add_argument("--finetune_iters", type=int, default=150, help=d)
-    quality.add_argument("--finetune_lr", type=float, default=3e-4, help=d)
-    quality.add_argument("--calibration_seqs", type=int, default=16, help="PCA conversion's batch " + d)
-    quality.add_argument("--quick", action="store_true", help=f"a small run in minutes: {QUICK}")
+    quality.add_argument("--dataset", default=train.DEFAULT_DATASET, help="a prepared dataset: a folder under "
+                         "data/ or a path " + d)
+    quality.add_argument("--finetune_iters", type=int, default=150, help="fine-tune iterations after each "
+                         "conversion " + d)
+    quality.add_argument("--finetune_lr", type=float, default=3e-4, help="their peak learning rate " + d)
+    quality.add_argument("--calibration_seqs", type=int, default=16, help="sequences in the PCA conversion's "
+                         "calibration batch " + d)
+    quality.add_argument("--quick", action="store_true", help=f"smaller sizes, to try the benchmark out: {QUICK}")
     quality.add_argument("--seeds", type=int, default=1, help="runs per regime: seeds --seed, --seed + 1, ... " + d)
-    for s in (quality, recall):
-        s.add_argument("--only", nargs="+", help="train only these regimes (default: all; quality converts "
-                                                 "only when full is among them)")
+    quality.add_argument("--only", nargs="+", help="train only these regimes (default: all; the conversions "
+                                                   "run only when full is among them)")
+    recall.add_argument("--only", nargs="+", help="train only these rows, by the names of the table (default: all)")
     recall.add_argument("--pairs", type=int, default=8, help="pairs per sequence for the regimes " + d)
     recall.add_argument("--seeds", type=int, default=3, help="runs per regime: seeds --seed, --seed + 1, ... " + d)
     recall.add_argument("--extra", nargs="+", default=[], metavar="NAME=JSON", help="more rows: a name and GPTConfig "
                         """fields, e.g. 'k8 v12={"window": 16, "far_k_dim": 8, "far_v_dim": 12}' (default: none)""")
     recall.add_argument("--sweep_pairs", type=int, nargs="*", default=[],
                         help="also run the sweep regimes at these numbers of pairs (default: none)")
-    recall.add_argument("--sweep_regimes", nargs="+", default=["full", "dar hd/8"], help=d)
+    recall.add_argument("--sweep_regimes", nargs="+", default=["full", "dar hd/8"], help="the rows run at each "
+                        "--sweep_pairs " + d)
     for s, val_seqs in ((recall, 500), (capacity, 200)):
         s.add_argument("--kv_shift", action=argparse.BooleanOptionalAction, default=True,
                        help="in every regime: one layer can then match a key and copy the token after it; "
                             "without it this size did not learn recall in 2000 iterations " + d)
-        s.add_argument("--train_seqs", type=int, default=20000, help=d)
-        s.add_argument("--val_seqs", type=int, default=val_seqs, help=d)
-    recall.add_argument("--quick", action="store_true", help=f"a small run in minutes: {RECALL_QUICK}")
-    capacity.add_argument("--pairs", type=int, nargs="+", default=[2, 4, 8, 16], help=d)
+        s.add_argument("--train_seqs", type=int, default=20000, help=f"{MEANING['train_seqs']} {d}")
+        s.add_argument("--val_seqs", type=int, default=val_seqs, help=f"{MEANING['val_seqs']} {d}")
+    recall.add_argument("--quick", action="store_true", help="smaller sizes, to try the benchmark out (about 12 "
+                        f"minutes on 2 CPU cores): {RECALL_QUICK}")
+    capacity.add_argument("--pairs", type=int, nargs="+", default=[2, 4, 8, 16], help="numbers of key-value pairs "
+                          "per sequence, one column each " + d)
     capacity.add_argument("--dims", type=int, nargs="+", default=[1, 2, 4, 8, 16],
                           help="far_k_dim (values full) and far_v_dim (keys full) " + d)
     capacity.add_argument("--tied_dims", type=int, nargs="+", default=[2, 4, 8], help="far_k_dim = far_v_dim " + d)
     capacity.add_argument("--seeds", type=int, default=3, help="runs per cell, seeds --seed, --seed + 1, ... " + d)
-    capacity.add_argument("--quick", action="store_true", help=f"one seed, a subset, in minutes: {CAPACITY_QUICK}")
+    capacity.add_argument("--quick", action="store_true", help=f"one seed and a subset, to try it out: {CAPACITY_QUICK}")
     args = p.parse_args(argv)
     if args.command in ("speed", "decode") and args.far_dim == 0:
         p.error("--far_dim must be > 0")   # quality: 0 means head_dim / 4; recall sets its own

