@@ -1,13 +1,12 @@
 """
 Distance-Adaptive Representation (DAR) in a nanoGPT-style GPT, in one file.
 
-A token's key and value keep their full head dimension d while the token is among the last
-`window` tokens; further away it keeps less, in one of two far modes: "slice" keeps the
-first far_k_dim / far_v_dim coordinates (the same vectors at lower resolution), "latent"
-keeps far_down(x), r numbers seen through the layer's own key and value projections of
-far_up(far_down(x)). One softmax spans both tiers. README.md explains the method.
+A token's key and value keep their full head dimension while it is among the last `window`
+tokens; further away it keeps less ("slice": its first coordinates; "latent": a learned
+bottleneck). One softmax spans both tiers. README.md explains the method.
 
-  1. GPTConfig      nanoGPT's fields plus window, the far mode and its sizes, kv_shift
+  1. GPTConfig      nanoGPT's fields, the modern family (GQA, RMSNorm, SwiGLU, rope), the
+                    window, the far mode and its sizes, kv_shift
   2. dar_attention  DAR over a sequence: training, the uncached forward, cached prompts
   3. KVCache        storage: what every token keeps from its arrival, and the window's rest
   4. the model      attention (a sequence path and a one-token decode path), nanoGPT's GPT
@@ -24,7 +23,8 @@ from torch.nn import functional as F
 
 
 # ----------------------------------------------------------------------------------------
-# 1. Configuration
+# 1. Configuration: GPT-2 by default; Llama (SmolLM2): n_kv_head < n_head, norm="rmsnorm",
+# mlp="swiglu", bias=False, rope=True.
 
 @dataclass
 class GPTConfig:
@@ -35,17 +35,23 @@ class GPTConfig:
     n_embd: int = 128
     dropout: float = 0.0
     bias: bool = True
+    n_kv_head: Optional[int] = None    # key/value heads, shared by query heads (GQA)
+    norm: str = "layernorm"            # "layernorm" (GPT-2) or "rmsnorm" (Llama)
+    norm_eps: float = 1e-5
+    mlp: str = "gelu"                  # "gelu": GPT-2's MLP; "swiglu": Llama's gated MLP
+    mlp_hidden: Optional[int] = None   # the MLP's hidden width (None: 4 * n_embd)
+    tie_embeddings: bool = True        # the output head is the token embedding (GPT-2)
     window: int = 64                   # tokens at distance < window keep full dimensions
-    far_k_dim: Optional[int] = None    # slice: key coordinates kept beyond the window (None: head_dim/4)
-    far_v_dim: Optional[int] = None    # slice: value coordinates kept beyond the window (None: head_dim/4)
+    far_k_dim: Optional[int] = None    # slice: key coordinates kept beyond the window
+    far_v_dim: Optional[int] = None    # slice: value coordinates kept (None: head_dim / 4)
     kv_shift: bool = False             # KV shifting attention (Xu et al.)
     far_mode: str = "slice"            # what a distant token keeps: "slice" or "latent"
     far_latent_dim: Optional[int] = None   # latent: the bottleneck width r (None: n_embd/4)
     rope: bool = False                 # rotary positions on queries and keys instead of wpe
     rope_wpe: bool = False             # rope: keep wpe's learned absolute positions as well
     rope_base: float = 10000.0
-    rope_prefix: str = "high"          # rope: what a far key's first coordinates hold: the
-                                       # "high"- or "low"-frequency pairs, or "unrotated" ones
+    rope_prefix: str = "high"          # rope: a far key's first pairs: "high", "low" or
+                                       # "unrotated" (frequencies)
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -53,33 +59,49 @@ class GPTConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        self.n_kv_head = self.n_kv_head or self.n_head
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
+        for name, choices in (("norm", ("layernorm", "rmsnorm")), ("mlp", ("gelu", "swiglu")),
+                              ("far_mode", ("slice", "latent"))):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be one of {choices}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
         if self.window < 0:
             raise ValueError(f"window={self.window} must be >= 0")
-        if self.far_mode not in ("slice", "latent"):
-            raise ValueError(f"far_mode={self.far_mode!r} must be 'slice' or 'latent'")
         # each far mode's sizes: (mode, field, smallest, largest); None means largest // 4
-        for mode, name, low, high in (("slice", "far_k_dim", 0, self.head_dim), ("slice", "far_v_dim", 0, self.head_dim),
+        for mode, name, low, high in (("slice", "far_k_dim", 0, self.head_dim),
+                                      ("slice", "far_v_dim", 0, self.head_dim),
                                       ("latent", "far_latent_dim", 1, self.n_embd)):
-            if mode != self.far_mode and getattr(self, name) is not None:
-                raise ValueError(f"{name} applies to far_mode='{mode}' only")
-            if mode == self.far_mode:
-                setattr(self, name, max(1, high // 4) if getattr(self, name) is None else getattr(self, name))
-                if not low <= getattr(self, name) <= high:
-                    raise ValueError(f"{name}={getattr(self, name)} must be in [{low}, {high}]")
+            value = getattr(self, name)
+            if mode != self.far_mode:
+                if value is not None:
+                    raise ValueError(f"{name} applies to far_mode='{mode}' only")
+                continue
+            if value is None:
+                value = max(1, high // 4)
+            if not low <= value <= high:
+                raise ValueError(f"{name}={value} must be in [{low}, {high}]")
+            setattr(self, name, value)
         if self.window == 0 and self.far_k_dim == 0 and self.far_v_dim == 0:
-            raise ValueError("window=0 with far_k_dim=0 and far_v_dim=0 leaves nothing to attend to")
-        if self.rope and not self.rope_base > 0:
-            raise ValueError(f"rope_base={self.rope_base} must be > 0")
-        if self.rope and self.rope_prefix not in ("high", "low", "unrotated"):
-            raise ValueError(f"rope_prefix={self.rope_prefix!r} must be 'high', 'low' or 'unrotated'")
-        if self.rope and (self.head_dim % 2 or (self.far_k_dim or 0) % 2):   # rotary pairs stay whole
-            raise ValueError(f"far_k_dim={self.far_k_dim} and head_dim={self.head_dim} must be even with rope")
+            raise ValueError("window=0 with far_k_dim=far_v_dim=0 leaves nothing to attend to")
+        if self.rope:
+            self.check_rope()
         if self.rope_wpe and not self.rope:
             raise ValueError("rope_wpe=True keeps wpe beside rope: it needs rope=True")
-        if self.rope and self.far_mode == "latent" and not self.is_full:
-            raise ValueError("far_mode='latent' with rope: a far key it never builds cannot be rotated (README)")
+
+    def check_rope(self):
+        if not self.rope_base > 0:
+            raise ValueError(f"rope_base={self.rope_base} must be > 0")
+        if self.rope_prefix not in ("high", "low", "unrotated"):
+            raise ValueError(f"rope_prefix={self.rope_prefix!r}: 'high', 'low' or 'unrotated'")
+        if self.head_dim % 2 or (self.far_k_dim or 0) % 2:   # rotary pairs stay whole
+            raise ValueError(f"far_k_dim={self.far_k_dim} and head_dim={self.head_dim} must be "
+                             "even with rope")
+        if self.far_mode == "latent" and not self.is_full:
+            raise ValueError("far_mode='latent' with rope: a far key it never builds cannot be "
+                             "rotated (README)")
 
     @property
     def head_dim(self):
@@ -92,8 +114,8 @@ class GPTConfig:
         return self.window >= self.block_size or (self.far_k_dim, self.far_v_dim) == (d, d)
 
     def tiers(self):
-        """(window, far_mode, far_k_dim, far_v_dim) as computed: the full regime is a window of
-        block_size, nothing kept beyond it; the latent mode keeps its latent, no slice."""
+        """(window, far_mode, far_k_dim, far_v_dim) as computed: full is a window of
+        block_size, nothing beyond it; latent keeps its latent, no slice."""
         if self.is_full:
             return self.block_size, "slice", 0, 0
         if self.far_mode == "latent":
@@ -106,38 +128,48 @@ class GPTConfig:
 #
 # score(i, j) = q_i . k_j / sqrt(d)       if 0 <= i - j < window   (local tier)
 #             = q_i . far_k_j / sqrt(d)   if i - j >= window       (far tier)
-# one softmax over both tiers; a far token contributes far_v_j. What a distant token keeps:
+# one softmax over both tiers; a far token contributes far_v_j, where:
 #   slice:  far_k_j = [k_j[:rk], 0, ..., 0], far_v_j = [v_j[:rv], 0, ..., 0]
 #   latent: far_k_j, far_v_j = the layer's key and value projections of far_up(far_down(x_j))
 # Trick: give SDPA the keys and their far copies side by side, with a mask that lets query
 # i see the first copy of j inside the window and the second beyond it: exactly the formula,
-# by the fused kernel. Queries go in blocks, each given only the keys it can see. The
-# queries may be the last n of T positions, so cached prompts take this same path.
+# by the fused kernel. Queries go in blocks, each given only the keys it can see; they may
+# be the last n of T positions, so cached prompts take this same path.
 
 def dar_attention(q, k, v, far_k, far_v, window, dropout_p=0.0, block=None):
-    """q: (B, H, n, d), queries of the last n of T positions (training: all); k, v: (B, H, m,
-    d), whole keys and values of the last m >= n positions (read inside the window only);
-    far_k, far_v: (B, H, T, d), every position as seen beyond the window, or None: no far
-    tier (a sliding window). Returns (B, H, n, d)."""
-    n, m = q.size(2), k.size(2)
+    """q: (B, H, n, d), queries of the last n of T positions (training: n = T); k, v: (B, Hkv,
+    m, d), whole keys and values of the last m >= n positions; far_k, far_v: (B, Hkv, T, d),
+    every position as seen beyond the window, or None (a sliding window). -> (B, H, n, d)."""
+    n = q.size(2)
+    m = k.size(2)
     T = m if far_k is None else far_k.size(2)
-    if window >= T:   # every key a query sees is local: causal attention, aligned at the end
-        causal = None if n == m else torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal, dropout_p=dropout_p, is_causal=n == m)
-    block = block or max(2 * window, 64)   # measured fastest on CPU (bench.py decode, prefill)
-    arange, out = (lambda a, b: torch.arange(a, b, device=q.device)), []
+    gqa = q.size(1) != k.size(1)
+    if window >= T:   # every key a query sees is local: causal attention, ends aligned
+        causal = None
+        if n != m:
+            causal = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal, dropout_p=dropout_p,
+                                              is_causal=n == m, enable_gqa=gqa)
+    block = block or max(2 * window, 64)   # measured fastest on CPU (bench.py decode)
+    out = []
     for start in range(0, n, block):
-        first, last = T - n + start, min(T, T - n + start + block) - 1   # the block's query positions
-        pos = arange(first, last + 1)[:, None]
-        near = max(T - m, first - window + 1)   # the oldest key local to a query of this block
+        first = T - n + start                 # the block's first and last query positions
+        last = min(T, first + block) - 1
+        pos = torch.arange(first, last + 1, device=q.device)[:, None]
+        near = max(T - m, first - window + 1)   # the oldest key local to one of the block
+        local = torch.arange(near, last + 1, device=q.device)
+        mask = (local > pos - window) & (local <= pos)
+        keys = k[:, :, near - T + m:last + 1 - T + m]
+        values = v[:, :, near - T + m:last + 1 - T + m]
         n_far = 0 if far_k is None else max(0, last - window + 1)   # keys far to one of them
-        local = arange(near, last + 1)
-        mask = torch.cat([(local > pos - window) & (local <= pos), arange(0, n_far) <= pos - window], dim=1)
-        keys, values = k[:, :, near - T + m:last + 1 - T + m], v[:, :, near - T + m:last + 1 - T + m]
         if n_far:
-            keys, values = torch.cat([keys, far_k[:, :, :n_far]], 2), torch.cat([values, far_v[:, :, :n_far]], 2)
-        out.append(F.scaled_dot_product_attention(q[:, :, start:start + block], keys, values,
-                                                  attn_mask=mask, dropout_p=dropout_p))
+            far = torch.arange(n_far, device=q.device) <= pos - window
+            mask = torch.cat([mask, far], dim=1)
+            keys = torch.cat([keys, far_k[:, :, :n_far]], dim=2)
+            values = torch.cat([values, far_v[:, :, :n_far]], dim=2)
+        y = F.scaled_dot_product_attention(q[:, :, start:start + block], keys, values,
+                                           attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
+        out.append(y)
     return torch.cat(out, dim=2)
 
 
@@ -147,10 +179,9 @@ def dar_attention(q, k, v, far_k, far_v, window, dropout_p=0.0, block=None):
 # What a token keeps at any distance is written once, on arrival, at index p of a store of
 # block_size positions (slice: the first rk / rv coordinates of its key and value; latent:
 # far_down(x)); a ring of `window` slots (token p in slot p % window) holds the rest of the
-# window's tokens (slice: the other coordinates; latent: the whole key and value). Nothing
-# moves when a token leaves the window, and a slice cache holds exactly min(T, W) * 2d +
-# max(0, T - W) * (rk + rv) numbers a head. Full regime: a ring of block_size that never
-# wraps, a static cache. Allocated once, at the first tokens, as gpt-fast and nanochat do.
+# window's tokens. Nothing moves when a token leaves the window; a slice cache holds min(T,
+# W) * 2d + max(0, T - W) * (rk + rv) numbers a key/value head. Full regime: a ring of
+# block_size that never wraps. Allocated once, in the dtype of the first keys (gpt-fast).
 
 def tensor_bytes(tensors):
     return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
@@ -160,35 +191,47 @@ class LayerCache:
 
     def __init__(self, config, batch_size):
         self.window, self.far_mode, self.far_k_dim, self.far_v_dim = config.tiers()
-        self.shape, self.block_size = (batch_size, config.n_head), config.block_size
-        self.head_dim, self.latent_dim = config.head_dim, config.far_latent_dim
-        self.length = 0                      # tokens held
-        self.far_k = self.far_v = None       # slice: (B, H, block_size, rk / rv), index p
-        self.latents = None                  # latent: (B, block_size, r), index p
-        self.local_k = self.local_v = None   # (B, H, window, d - rk / d - rv), slot p % window
-        self.last_k = self.last_v = None     # kv_shift: the last token's raw key and value
-        self.maps = None                     # latent: the absorbed maps, derived once a fill
+        self.shape = (batch_size, config.n_kv_head)
+        self.config = config
+        self.length = 0       # tokens held
+        self.far_k = None     # slice: (B, Hkv, block_size, rk), index p
+        self.far_v = None     # slice: (B, Hkv, block_size, rv), index p
+        self.latents = None   # latent: (B, block_size, r), index p
+        self.local_k = None   # (B, Hkv, window, d - rk), slot p % window
+        self.local_v = None   # (B, Hkv, window, d - rv), slot p % window
+        self.last_k = None    # kv_shift: the last token's raw key and value
+        self.last_v = None
+        self.maps = None      # latent: the absorbed maps, derived once a fill
 
-    def allocate(self, like):   # once, in the dtype and on the device of the first keys `like`
-        if self.local_k is None:
-            self.local_k = like.new_empty(*self.shape, self.window, self.head_dim - self.far_k_dim)
-            self.local_v = like.new_empty(*self.shape, self.window, self.head_dim - self.far_v_dim)
-            if self.far_mode == "latent":
-                self.latents = like.new_empty(self.shape[0], self.block_size, self.latent_dim)
-            elif self.far_k_dim or self.far_v_dim:
-                self.far_k = like.new_empty(*self.shape, self.block_size, self.far_k_dim)
-                self.far_v = like.new_empty(*self.shape, self.block_size, self.far_v_dim)
+    def allocate(self, like):   # once, in the dtype and on the device of the keys `like`
+        if self.local_k is not None:
+            return
+        d = self.config.head_dim
+        T = self.config.block_size
+        self.local_k = like.new_empty(*self.shape, self.window, d - self.far_k_dim)
+        self.local_v = like.new_empty(*self.shape, self.window, d - self.far_v_dim)
+        if self.far_mode == "latent":
+            self.latents = like.new_empty(self.shape[0], T, self.config.far_latent_dim)
+        elif self.far_k_dim or self.far_v_dim:
+            self.far_k = like.new_empty(*self.shape, T, self.far_k_dim)
+            self.far_v = like.new_empty(*self.shape, T, self.far_v_dim)
 
     def append(self, k, v, latents=None):
-        """Write n new tokens at positions length, ..., length + n - 1; k, v: (B, H, n, d)."""
+        """Write n new tokens at positions length, ..., length + n - 1; k, v: (B, Hkv, n, d)."""
         self.allocate(k)
-        L, n, W, rk, rv = self.length, k.size(2), self.window, self.far_k_dim, self.far_v_dim
+        L = self.length
+        n = k.size(2)
+        W = self.window
+        rk = self.far_k_dim
+        rv = self.far_v_dim
         if self.far_k is not None:
-            self.far_k[:, :, L:L + n], self.far_v[:, :, L:L + n] = k[..., :rk], v[..., :rv]
+            self.far_k[:, :, L:L + n] = k[..., :rk]
+            self.far_v[:, :, L:L + n] = v[..., :rv]
         if self.latents is not None:
             self.latents[:, L:L + n] = latents
         if W and n == 1:   # (a slice, not an index: fewer operations when decoding)
-            self.local_k[:, :, L % W:L % W + 1], self.local_v[:, :, L % W:L % W + 1] = k[..., rk:], v[..., rv:]
+            self.local_k[:, :, L % W:L % W + 1] = k[..., rk:]
+            self.local_v[:, :, L % W:L % W + 1] = v[..., rv:]
         elif W:   # the chunk's last tokens: the earlier ones are beyond the window already
             slots = torch.arange(max(L, L + n - W), L + n, device=k.device) % W
             self.local_k.index_copy_(2, slots, k[:, :, n - len(slots):, rk:])
@@ -196,229 +239,344 @@ class LayerCache:
         self.length = L + n
 
     def recent(self, like):
-        """Whole keys and values, in position order, of the held tokens that the next token
-        sees locally (the last window - 1): what they keep joined to the ring's rest."""
+        """Whole keys and values, in position order, of the held tokens the next token sees
+        locally (the last window - 1): what they keep joined to the ring's rest."""
         self.allocate(like)
-        pos = torch.arange(max(0, self.length - max(self.window - 1, 0)), self.length, device=self.local_k.device)
-        k, v = (t[:, :, pos % max(1, self.window)] for t in (self.local_k, self.local_v))
+        first = max(0, self.length - max(self.window - 1, 0))
+        pos = torch.arange(first, self.length, device=self.local_k.device)
+        slots = pos % max(1, self.window)
+        k = self.local_k[:, :, slots]
+        v = self.local_v[:, :, slots]
         if self.far_k is not None:
-            k, v = torch.cat([self.far_k[:, :, pos], k], -1), torch.cat([self.far_v[:, :, pos], v], -1)
+            k = torch.cat([self.far_k[:, :, pos], k], dim=-1)
+            v = torch.cat([self.far_v[:, :, pos], v], dim=-1)
         return k, v
 
-    def kept(self):   # what every held token keeps: far_k, far_v (slice) or latents (latent)
-        return tuple(t if t is None else t[..., :self.length, :] for t in (self.far_k, self.far_v, self.latents))
+    def kept(self):   # what every held token keeps: far_k, far_v (slice) or latents
+        held = (self.far_k, self.far_v, self.latents)
+        return tuple(None if t is None else t[..., :self.length, :] for t in held)
 
-    def tier_nbytes(self):   # (local, far): the window's tokens whole; what older ones keep (latent: all)
-        T, m = self.length, min(self.length, self.window)
+    def tier_nbytes(self):
+        """(local, far) bytes: the window's tokens whole; what older ones keep."""
+        T = self.length
+        m = min(T, self.window)
         slices = [t for t in (self.far_k, self.far_v) if t is not None]
-        local = [t[:, :, :m] for t in (self.local_k, self.local_v) if t is not None] + [t[:, :, T - m:T] for t in slices]
-        far = [t[:, :, :T - m] for t in slices] + ([self.latents[:, :T]] if self.latents is not None else [])
+        rings = [t for t in (self.local_k, self.local_v) if t is not None]
+        local = [t[:, :, :m] for t in rings] + [t[:, :, T - m:T] for t in slices]
+        far = [t[:, :, :T - m] for t in slices]
+        if self.latents is not None:
+            far.append(self.latents[:, :T])
         return tensor_bytes(local), tensor_bytes(far)
 
 
 class KVCache:
-    """One LayerCache per layer. Create with GPT.new_cache(batch_size)."""
+    """One LayerCache per layer: GPT.new_cache(batch_size)."""
 
     def __init__(self, config, batch_size):
-        self.config, self.batch_size = config, batch_size
+        self.config = config
+        self.batch_size = batch_size
         self.layers = [LayerCache(config, batch_size) for _ in range(config.n_layer)]
 
-    length = property(lambda self: self.layers[0].length)
+    @property
+    def length(self):
+        return self.layers[0].length
 
     def reset(self):
         """Forget every token; the buffers stay for the next prefill."""
         for layer in self.layers:
-            layer.length, layer.last_k, layer.last_v, layer.maps = 0, None, None, None
+            layer.length = 0
+            layer.last_k = None
+            layer.last_v = None
+            layer.maps = None
 
     def copy_rows(self, prefilled):
-        """Take over a cache of fewer rows, each repeated batch_size // prefilled.batch_size
-        times (rows b * repeats, ... are copies of row b): samples share one prefill."""
+        """Take over a cache of fewer rows, row b copied to rows b * repeats, ...: samples
+        share one prefill."""
         repeats = self.batch_size // prefilled.batch_size
         if repeats * prefilled.batch_size != self.batch_size or prefilled.config != self.config:
-            raise ValueError("copy_rows needs a cache of the same config and a batch size dividing this one's")
+            raise ValueError("copy_rows needs the same config and a batch size dividing this")
         self.reset()
         for mine, theirs in zip(self.layers, prefilled.layers):
             if theirs.local_k is not None:
                 mine.allocate(theirs.local_k)
-                for name in ("far_k", "far_v", "latents", "local_k", "local_v"):   # rows to their copies
+                for name in ("far_k", "far_v", "latents", "local_k", "local_v"):   # rows to copies
                     if getattr(theirs, name) is not None:
-                        getattr(mine, name).unflatten(0, (-1, repeats)).copy_(getattr(theirs, name).unsqueeze(1))
-            mine.last_k, mine.last_v = (None if t is None else t.repeat_interleave(repeats, 0)
-                                        for t in (theirs.last_k, theirs.last_v))
+                        rows = getattr(mine, name).unflatten(0, (-1, repeats))
+                        rows.copy_(getattr(theirs, name).unsqueeze(1))
+            if theirs.last_k is not None:
+                mine.last_k = theirs.last_k.repeat_interleave(repeats, 0)
+                mine.last_v = theirs.last_v.repeat_interleave(repeats, 0)
             mine.length = theirs.length
 
     def tier_nbytes(self):
-        return tuple(map(sum, zip(*(layer.tier_nbytes() for layer in self.layers))))
+        per_layer = [layer.tier_nbytes() for layer in self.layers]
+        return sum(local for local, _ in per_layer), sum(far for _, far in per_layer)
 
     @property
-    def nbytes(self):   # the README's formula at the current length (+ kv_shift: a raw key and value a head)
-        return sum(self.tier_nbytes()) + sum(tensor_bytes((l.last_k, l.last_v)) for l in self.layers)
+    def nbytes(self):
+        """The README's formula at the current length (+ kv_shift: a raw key and value)."""
+        shift = sum(tensor_bytes((layer.last_k, layer.last_v)) for layer in self.layers)
+        return sum(self.tier_nbytes()) + shift
 
     @property
-    def allocated_nbytes(self):   # every tensor held, nbytes at block_size (not the absorbed maps: weights)
+    def allocated_nbytes(self):
+        """Every tensor held: nbytes at block_size (not the absorbed maps: weights)."""
         return sum(tensor_bytes(vars(layer).values()) for layer in self.layers)
 
     @property
     def full_nbytes(self):
-        """Bytes a full-dimension cache of the same length and dtype would hold."""
-        element_size = 0 if self.layers[0].local_k is None else self.layers[0].local_k.element_size()
-        return self.config.n_layer * self.batch_size * self.length * 2 * self.config.n_embd * element_size
+        """Bytes a full cache of the same length and dtype would hold."""
+        first = self.layers[0].local_k
+        element_size = 0 if first is None else first.element_size()
+        kv_width = self.config.n_kv_head * self.config.head_dim
+        return self.config.n_layer * self.batch_size * self.length * 2 * kv_width * element_size
 
 
 # ----------------------------------------------------------------------------------------
-# 4. The model: in the full regime nanoGPT's GPT, with its parameter names and shapes (a
-# nanoGPT state dict loads as is); kv_shift adds 4 (n_head,) vectors a layer, latent 2 maps.
+# 4. The model: in the full regime nanoGPT's GPT, its parameter names and shapes (a nanoGPT
+# state dict loads as is); kv_shift adds 4 (n_kv_head,) vectors a layer, latent 2 maps.
+# With grouped-query attention c_attn's rows are the queries, then the keys and values of
+# n_kv_head heads; query head h reads key/value head h // (n_head // n_kv_head) (Llama's).
 
 def mix(now, prev, x, before):
-    """KV shifting's mix, per head (dim 1): now * x + prev * before."""
+    """KV shifting's mix, per key/value head (dim 1): now * x + prev * before."""
     return now.view(1, -1, 1, 1) * x + prev.view(1, -1, 1, 1) * before
+
+
+def rope_frequencies(config):
+    """Pair (2i, 2i + 1) turns by p * freqs[i] at position p; a far key keeps the first
+    pairs: the highest frequencies (the usual order), the lowest, or far_k_dim unrotated
+    coordinates (partial rotary)."""
+    d = config.head_dim
+    kept = config.far_k_dim if config.far_mode == "slice" else 0
+    freqs = config.rope_base ** -torch.arange(0, d, 2).double().div(d)
+    if config.rope_prefix == "low":
+        freqs = freqs.flip(0)
+    if config.rope_prefix == "unrotated":
+        rotated = config.rope_base ** -torch.arange(0, d - kept, 2).double().div(d - kept)
+        freqs = torch.cat([torch.zeros(kept // 2), rotated])
+    return freqs.float()
 
 
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.n_head, self.n_embd, self.head_dim, self.dropout = config.n_head, config.n_embd, config.head_dim, config.dropout
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head
+        self.n_embd = config.n_embd
+        self.head_dim = config.head_dim
+        self.dropout = config.dropout
         self.window, self.far_mode, self.far_k_dim, self.far_v_dim = config.tiers()
         self.has_far = self.far_mode == "latent" or self.far_k_dim + self.far_v_dim > 0
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        if config.far_mode == "latent":   # the bottleneck a distant token's attention input passes
+        kv_width = config.n_kv_head * config.head_dim
+        self.qkv_sizes = [config.n_embd, kv_width, kv_width]   # c_attn's rows: q, k, v
+        self.c_attn = nn.Linear(config.n_embd, sum(self.qkv_sizes), bias=config.bias)
+        if config.far_mode == "latent":   # the bottleneck a distant token's input passes
             self.far_down = nn.Linear(config.n_embd, config.far_latent_dim, bias=False)
             self.far_up = nn.Linear(config.far_latent_dim, config.n_embd, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.kv_shift = config.kv_shift
         if self.kv_shift:   # init as in the paper: now ~ U(0, 1), prev = 1 - now
-            k_now, v_now = torch.rand(config.n_head), torch.rand(config.n_head)
-            self.k_shift_now, self.k_shift_prev = nn.Parameter(k_now), nn.Parameter(1 - k_now)
-            self.v_shift_now, self.v_shift_prev = nn.Parameter(v_now), nn.Parameter(1 - v_now)
+            k_now = torch.rand(config.n_kv_head)
+            v_now = torch.rand(config.n_kv_head)
+            self.k_shift_now = nn.Parameter(k_now)
+            self.k_shift_prev = nn.Parameter(1 - k_now)
+            self.v_shift_now = nn.Parameter(v_now)
+            self.v_shift_prev = nn.Parameter(1 - v_now)
         self.rope = config.rope
-        if self.rope:   # pair (2i, 2i + 1) turns by p * rope_freqs[i] at position p; the order of
-            # the pairs is what a far key's prefix keeps: the highest frequencies first, the lowest,
-            # or far_k_dim unrotated coordinates (partial rotary over the rest)
-            d, kept = self.head_dim, config.far_k_dim if config.far_mode == "slice" else 0
-            freqs = config.rope_base ** -torch.arange(0, d, 2).double().div(d)
-            freqs = {"high": freqs, "low": freqs.flip(0), "unrotated": torch.cat(
-                [torch.zeros(kept // 2), config.rope_base ** -torch.arange(0, d - kept, 2).double().div(d - kept)])}
-            self.register_buffer("rope_freqs", freqs[config.rope_prefix].float(), persistent=False)
+        if self.rope:
+            self.register_buffer("rope_freqs", rope_frequencies(config), persistent=False)
 
-    def heads(self, t):   # (B, T, C) -> (B, n_head, T, head_dim)
-        return t.view(*t.shape[:2], self.n_head, self.head_dim).transpose(1, 2)
+    def heads(self, t):   # (B, T, n * head_dim) -> (B, n, T, head_dim)
+        return t.view(*t.shape[:2], -1, self.head_dim).transpose(1, 2)
 
     def head_weights(self):
-        """c_attn as per-head views: weight (3, H, d, C) and bias (3, H, d) or None, q k v."""
-        w = self.c_attn.weight.view(3, self.n_head, self.head_dim, self.n_embd)
-        return w, None if self.c_attn.bias is None else self.c_attn.bias.view(3, self.n_head, self.head_dim)
+        """c_attn as per-head views (writing them writes c_attn): weights q (H, d, C), k, v
+        (Hkv, d, C); biases (H, d), (Hkv, d), (Hkv, d) or None."""
+        d = self.head_dim
+        weights = tuple(w.unflatten(0, (-1, d)) for w in self.c_attn.weight.split(self.qkv_sizes))
+        if self.c_attn.bias is None:
+            return weights, None
+        biases = self.c_attn.bias.split(self.qkv_sizes)
+        return weights, tuple(b.unflatten(0, (-1, d)) for b in biases)
 
     def rotate(self, x, start):
         """RoPE: x (B, H, T, d) at positions start, start + 1, ... turned pair by pair."""
-        angle = torch.arange(start, start + x.size(2), device=x.device).float()[:, None] * self.rope_freqs
-        cos, sin, even, odd = angle.cos(), angle.sin(), x[..., 0::2].float(), x[..., 1::2].float()
-        return torch.stack([even * cos - odd * sin, even * sin + odd * cos], -1).flatten(-2).type_as(x)
+        positions = torch.arange(start, start + x.size(2), device=x.device).float()
+        angle = positions[:, None] * self.rope_freqs
+        cos = angle.cos()
+        sin = angle.sin()
+        even = x[..., 0::2].float()
+        odd = x[..., 1::2].float()
+        turned = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
+        return turned.flatten(-2).type_as(x)
 
     def shift(self, k, v, last_k=None, last_v=None):
         """KV shifting: k^_t = now * k_t + prev * k_{t-1} per head (values alike); k_{-1} is
         last_k, the raw key before k, or 0 at the start."""
-        before = lambda x, last: torch.cat([torch.zeros_like(x[:, :, :1]) if last is None else last, x[:, :, :-1]], 2)
-        return (mix(self.k_shift_now, self.k_shift_prev, k, before(k, last_k)),
-                mix(self.v_shift_now, self.v_shift_prev, v, before(v, last_v)))
+        def before(x, last):
+            first = torch.zeros_like(x[:, :, :1]) if last is None else last
+            return torch.cat([first, x[:, :, :-1]], dim=2)
+        k = mix(self.k_shift_now, self.k_shift_prev, k, before(k, last_k))
+        v = mix(self.v_shift_now, self.v_shift_prev, v, before(v, last_v))
+        return k, v
 
     def far_keys_values(self, k, v, latents):
         """Every token as seen beyond the window, at full width (None: no far tier). Slice: the
-        first rk / rv coordinates of k, v (or the slices a cache keeps), zero-padded. Latent:
-        the layer's key and value projections of far_up(latents), shifted as k and v are."""
-        if self.far_mode == "slice":   # (with nothing kept, no far tier: a sliding window)
-            pad = lambda t, r: F.pad(t[..., :r], (0, self.head_dim - r))
-            return (pad(k, self.far_k_dim), pad(v, self.far_v_dim)) if self.has_far else (None, None)
-        w, b = self.head_weights()
-        far = F.linear(self.far_up(latents), w[1:].flatten(0, 2), None if b is None else b[1:].flatten())
-        far_k, far_v = (self.heads(t) for t in far.split(self.n_embd, dim=2))
-        return self.shift(far_k, far_v) if self.kv_shift else (far_k, far_v)
+        first rk / rv coordinates of k, v, zero-padded. Latent: the layer's key and value
+        projections of far_up(latents), shifted as k and v are."""
+        if self.far_mode == "slice":
+            if not self.has_far:   # nothing kept: a sliding window
+                return None, None
+            far_k = F.pad(k[..., :self.far_k_dim], (0, self.head_dim - self.far_k_dim))
+            far_v = F.pad(v[..., :self.far_v_dim], (0, self.head_dim - self.far_v_dim))
+            return far_k, far_v
+        key_value_rows = self.c_attn.weight[self.n_embd:]
+        bias = None if self.c_attn.bias is None else self.c_attn.bias[self.n_embd:]
+        far = F.linear(self.far_up(latents), key_value_rows, bias)
+        far_k, far_v = (self.heads(t) for t in far.chunk(2, dim=-1))
+        if self.kv_shift:
+            return self.shift(far_k, far_v)
+        return far_k, far_v
 
     def forward(self, x, cache=None):
         B, T, C = x.size()
-        q, k, v = (self.heads(t) for t in self.c_attn(x).split(C, dim=2))
+        q, k, v = (self.heads(t) for t in self.c_attn(x).split(self.qkv_sizes, dim=-1))
         if self.kv_shift:
-            last = (None, None) if cache is None else (cache.last_k, cache.last_v)
+            last_k = None if cache is None else cache.last_k
+            last_v = None if cache is None else cache.last_v
             if cache is not None:   # the next chunk mixes in this chunk's last *raw* key/value
-                cache.last_k, cache.last_v = k[:, :, -1:].clone(), v[:, :, -1:].clone()
-            k, v = self.shift(k, v, *last)
-        if self.rope:   # after the shift, as the KV shifting paper orders them; keys cached turned
+                cache.last_k = k[:, :, -1:].clone()
+                cache.last_v = v[:, :, -1:].clone()
+            k, v = self.shift(k, v, last_k, last_v)
+        if self.rope:   # after the shift (the KV shifting paper's order); keys cached turned
             start = 0 if cache is None else cache.length
-            q, k = self.rotate(q, start), self.rotate(k, start)
+            q = self.rotate(q, start)
+            k = self.rotate(k, start)
         latents = self.far_down(x) if self.far_mode == "latent" else None
         if cache is None:
             dropout_p = self.dropout if self.training else 0.0
-            y = dar_attention(q, k, v, *self.far_keys_values(k, v, latents), self.window, dropout_p)
+            far_k, far_v = self.far_keys_values(k, v, latents)
+            y = dar_attention(q, k, v, far_k, far_v, self.window, dropout_p)
         elif T == 1:
             y = self.decode(q, k, v, latents, cache)
-        else:   # a prompt, or a chunk after cached tokens: the sequence path, over what is held
+        else:   # a prompt, or a chunk after cached tokens: the sequence path
             recent_k, recent_v = cache.recent(k)
             cache.append(k, v, latents)
-            y = dar_attention(q, torch.cat([recent_k, k], 2), torch.cat([recent_v, v], 2),
-                              *self.far_keys_values(*cache.kept()), self.window)
+            far_k, far_v = self.far_keys_values(*cache.kept())
+            keys = torch.cat([recent_k, k], dim=2)
+            values = torch.cat([recent_v, v], dim=2)
+            y = dar_attention(q, keys, values, far_k, far_v, self.window)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
     def decode(self, q, k, v, latents, cache):
         """One token attends to all the cache holds, itself included: one softmax, no masks.
-        The ring's first m slots hold the last m tokens, the oldest in slot `start`."""
+        The ring's first m slots hold the last m tokens, the oldest in slot `start`; each
+        key/value head sees its g query heads as g queries."""
         cache.append(k, v, latents)
-        T, W = cache.length, cache.window
+        T = cache.length
+        W = cache.window
         m = min(T, W)
-        start, local_k, local_v = (T - m) % max(W, 1), cache.local_k[:, :, :m], cache.local_v[:, :, :m]
+        start = (T - m) % max(W, 1)
+        local_k = cache.local_k[:, :, :m]
+        local_v = cache.local_v[:, :, :m]
+        B = q.size(0)
+        q = q.view(B, self.n_kv_head, -1, self.head_dim)   # (B, Hkv, g, d)
         if not self.has_far:   # one tier (a sliding window, a full cache): the fused kernel
-            return F.scaled_dot_product_attention(q, local_k, local_v)
-        q, (B, H) = q / math.sqrt(self.head_dim), q.shape[:2]
-        if self.far_mode == "slice":   # every token's kept coordinates, plus the window's others
-            # as (B * H, ., .) views for bmm: a 4-d matmul's reshapes cost more than its arithmetic here
-            rk, bh = self.far_k_dim, lambda t: t.flatten(0, 1)
-            scores = torch.bmm(bh(q[..., :rk]), bh(cache.far_k[:, :, :T]).mT)
-            scores[..., T - m:] += torch.bmm(bh(q[..., rk:]), bh(local_k).mT).roll(-start, -1)   # to position order
-            att = F.softmax(scores, dim=-1)
-            y = [torch.bmm(att, bh(cache.far_v[:, :, :T])), torch.bmm(att[..., T - m:].roll(start, -1), bh(local_v))]
-            return torch.cat(y, -1).view(B, H, 1, -1)
-        # Latent: no far key is rebuilt. Head h's far key is W_K far_up c + b_K (c the latent;
-        # W_K, b_K its rows of c_attn), so q . far_k = (q W_K far_up) . c + q . b_K, and the
-        # weighted far values are W_V far_up (sum_j a_j c_j) + (sum_j a_j) b_V.
-        if cache.maps is None:   # per head W_K far_up, W_V far_up (H, d, r), b_K, b_V (H, d): once a fill
-            w, b = self.head_weights()
-            cache.maps = (w[1] @ self.far_up.weight, w[2] @ self.far_up.weight, *((None, None) if b is None else b[1:]))
+            y = F.scaled_dot_product_attention(q, local_k, local_v)
+        elif self.far_mode == "slice":
+            y = self.decode_slice(q / math.sqrt(self.head_dim), local_k, local_v, start, cache)
+        else:
+            y = self.decode_latent(q / math.sqrt(self.head_dim), local_k, local_v, cache)
+        return y.view(B, self.n_head, 1, -1)
+
+    def decode_slice(self, q, local_k, local_v, start, cache):
+        """Every token's kept coordinates plus the window's others, as (B * Hkv, ., .) bmm
+        (a 4-d matmul's reshapes cost more than its arithmetic here)."""
+        T = cache.length
+        m = local_k.size(2)
+        rk = self.far_k_dim
+        q = q.flatten(0, 1)
+        scores = torch.bmm(q[..., :rk], cache.far_k[:, :, :T].flatten(0, 1).mT)
+        local = torch.bmm(q[..., rk:], local_k.flatten(0, 1).mT)
+        scores[..., T - m:] += local.roll(-start, -1)   # to position order
+        att = F.softmax(scores, dim=-1)
+        far_y = torch.bmm(att, cache.far_v[:, :, :T].flatten(0, 1))
+        local_y = torch.bmm(att[..., T - m:].roll(start, -1), local_v.flatten(0, 1))
+        return torch.cat([far_y, local_y], dim=-1)
+
+    def decode_latent(self, q, local_k, local_v, cache):
+        """No far key is rebuilt. Head h's far key is W_K far_up c + b_K (c the latent; W_K,
+        b_K its rows of c_attn), so q . far_k = (q W_K far_up) . c + q . b_K, and the weighted
+        far values are W_V far_up (sum_j a_j c_j) + (sum_j a_j) b_V. q: (B, Hkv, g, d)."""
+        if cache.maps is None:   # per kv head W_K far_up, W_V far_up (Hkv, d, r): once a fill
+            (_, w_k, w_v), biases = self.head_weights()
+            key_bias = None if biases is None else biases[1][:, None]    # (Hkv, 1, d)
+            value_bias = None if biases is None else biases[2][:, None]
+            cache.maps = (w_k @ self.far_up.weight, w_v @ self.far_up.weight, key_bias, value_bias)
         key_map, value_map, key_bias, value_bias = cache.maps
-        c = cache.latents[:, :T - m]
-        far = torch.bmm((q @ key_map).flatten(1, 2), c.mT).view(B, H, 1, T - m)   # heads share the latents
+        B, Hkv, g, _ = q.shape
+        T = cache.length
+        m = local_k.size(2)
+        c = cache.latents[:, :T - m]   # (B, T - m, r), shared by all heads
+        far = torch.bmm((q @ key_map).flatten(1, 2), c.mT).view(B, Hkv, g, T - m)
         if key_bias is not None:
-            far = far + (q * key_bias[:, None]).sum(-1, keepdim=True)
+            far = far + (q * key_bias).sum(-1, keepdim=True)
         if self.kv_shift:   # far key j is now far_k_j + prev far_k_{j-1}
             far = mix(self.k_shift_now, self.k_shift_prev, far, F.pad(far[..., :-1], (1, 0)))
-        att = F.softmax(torch.cat([far, q @ local_k.mT], -1), dim=-1)
+        att = F.softmax(torch.cat([far, q @ local_k.mT], dim=-1), dim=-1)
         far_att = att[..., :T - m]
-        if self.kv_shift:   # sum_j a_j (now v_j + prev v_{j-1}) = sum_j (now a_j + prev a_{j+1}) v_j
-            far_att = mix(self.v_shift_now, self.v_shift_prev, far_att, F.pad(far_att[..., 1:], (0, 1)))
-        y = att[..., T - m:] @ local_v + torch.bmm(far_att.flatten(1, 2), c).view(B, H, 1, -1) @ value_map.mT
-        return y if value_bias is None else y + far_att.sum(-1, keepdim=True) * value_bias[:, None]
+        if self.kv_shift:   # sum_j a_j (now v_j + prev v_j-1) = sum_j (now a_j + prev a_j+1) v_j
+            after = F.pad(far_att[..., 1:], (0, 1))
+            far_att = mix(self.v_shift_now, self.v_shift_prev, far_att, after)
+        far_sum = torch.bmm(far_att.flatten(1, 2), c).view(B, Hkv, g, -1)   # (B, Hkv, g, r)
+        y = att[..., T - m:] @ local_v + far_sum @ value_map.mT
+        if value_bias is not None:
+            y = y + far_att.sum(-1, keepdim=True) * value_bias
+        return y
+
+
+def norm(config):
+    """GPT-2's LayerNorm or Llama's RMSNorm."""
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
 
 
 class MLP(nn.Module):
+    """GPT-2's GELU MLP, or Llama's SwiGLU: silu(gate) * up, with gate and up the two halves
+    of c_fc's output."""
 
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        hidden = config.mlp_hidden or 4 * config.n_embd
+        self.swiglu = config.mlp == "swiglu"
+        width = 2 * hidden if self.swiglu else hidden
+        self.c_fc = nn.Linear(config.n_embd, width, bias=config.bias)
         self.gelu = nn.GELU()
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        h = self.c_fc(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = self.gelu(h)
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = norm(config)
         self.mlp = MLP(config)
 
     def forward(self, x, cache=None):
@@ -432,22 +590,24 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.has_wpe = not config.rope or config.rope_wpe   # learned absolute positions
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            **(dict(wpe=nn.Embedding(config.block_size, config.n_embd)) if self.has_wpe else {}),
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-        ))
+        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if self.has_wpe:
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        modules["drop"] = nn.Dropout(config.dropout)
+        modules["h"] = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        modules["ln_f"] = norm(config)
+        self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight   # weight tying, as in GPT-2
+        if config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight   # weight tying, as in GPT-2
         self.apply(self._init_weights)
-        for name, p in self.named_parameters():   # GPT-2's scaled init of residual projections
+        for name, p in self.named_parameters():   # GPT-2's scaled init of residual outputs
             if name.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        for block in self.transformer.h if config.far_mode == "latent" else []:   # the bottleneck
-            torch.nn.init.orthogonal_(block.attn.far_up.weight)   # starts as a projection onto r axes
-            block.attn.far_down.weight.data.copy_(block.attn.far_up.weight.T)
+        if config.far_mode == "latent":   # the bottleneck starts as a projection onto r axes
+            for block in self.transformer.h:
+                torch.nn.init.orthogonal_(block.attn.far_up.weight)
+                block.attn.far_down.weight.data.copy_(block.attn.far_up.weight.T)
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -457,7 +617,8 @@ class GPT(nn.Module):
 
     def get_num_params(self, non_embedding=True):
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding and self.has_wpe else n
+        wpe = self.transformer.wpe.weight.numel() if self.has_wpe else 0
+        return n - wpe if non_embedding else n
 
     def new_cache(self, batch_size):
         return KVCache(self.config, batch_size)
@@ -471,8 +632,10 @@ class GPT(nn.Module):
             raise ValueError(f"{start + T} tokens exceed block_size={self.config.block_size}")
         if cache is not None and (targets is not None or B != cache.batch_size):
             raise ValueError("a cached forward takes no targets and the cache's batch size")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos) if self.has_wpe else self.transformer.wte(idx)
+        x = self.transformer.wte(idx)
+        if self.has_wpe:
+            pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+            x = x + self.transformer.wpe(pos)
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
             x = block(x, None if cache is None else cache.layers[i])
@@ -480,22 +643,21 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None
         logits = self.lm_head(x)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True,
                         cache=None, num_samples=1):
-        """Yield (B * num_samples, 1) sampled tokens one at a time, continuing each row of idx
-        (B, T) num_samples times (rows b * num_samples, ... continue row b). use_cache=False
-        recomputes the last block_size tokens every step, as nanoGPT does. With the cache (pass
-        one of batch B * num_samples to inspect it) a prompt is prefilled once and its rows
-        copied to its samples; a full context keeps its last block_size // 2 tokens and is
-        prefilled again, O(block_size) a token on average."""
+        """Yield (B * num_samples, 1) tokens one at a time, continuing each row b of idx (B, T)
+        in rows b * num_samples, ...; use_cache=False recomputes the context (nanoGPT). The
+        cache prefills a prompt once, copied to its samples; a full context keeps its last
+        block_size // 2 tokens and is prefilled again."""
         if temperature <= 0:
             raise ValueError(f"temperature={temperature} must be > 0 (use top_k=1 for greedy)")
         block_size = self.config.block_size
-        prompt, idx = idx[:, -block_size:], idx.repeat_interleave(num_samples, 0)
+        prompt = idx[:, -block_size:]
+        idx = idx.repeat_interleave(num_samples, 0)
         if use_cache and cache is None:
             cache = self.new_cache(idx.size(0))
         for step in range(max_new_tokens):
@@ -521,23 +683,24 @@ class GPT(nn.Module):
             idx = torch.cat((idx, idx_next), dim=1)
             yield idx_next
 
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, num_samples=1):
-        """nanoGPT's generate; top_k=1 is greedy. Returns (B * num_samples, T + max_new_tokens)."""
-        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, use_cache, None, num_samples))
-        return torch.cat([idx.repeat_interleave(num_samples, 0)] + new, dim=1)
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True,
+                 num_samples=1):
+        """nanoGPT's generate (top_k=1: greedy): (B * num_samples, T + max_new_tokens)."""
+        stream = self.generate_stream(idx, max_new_tokens, temperature, top_k, use_cache, None,
+                                      num_samples)
+        return torch.cat([idx.repeat_interleave(num_samples, 0), *stream], dim=1)
 
 
 # ----------------------------------------------------------------------------------------
 # 5. Converting a trained full-dimension model
 #
-# Slice: per head, W_K = U S V^T; W_Q <- U^T W_Q and W_K <- U^T W_K leave every q . k as it
-# was (U is orthogonal) but order the key coordinates by energy, so the first far_k_dim are
-# the best truncation the weights allow. Values likewise by W_V's SVD, c_proj's columns
-# absorbing U_v. With a calibration batch U is instead the principal axes (PCA about the
-# origin) of the raw keys and values on it, biases included. kv_shift commutes with this.
-# Latent: far_up = A, far_down = A^T for the top r axes A of the attention input (PCA on the
-# batch, or the top right singular vectors of the key and value weights): a distant token
-# is seen through A A^T x, the best rank-r view of x. At r = n_embd nothing changes.
+# Slice: per key/value head, W_K = U S V^T; W_Q <- U^T W_Q (every query head reading it)
+# and W_K <- U^T W_K leave q . k as it was (U is orthogonal) but order the key coordinates
+# by energy: the first far_k_dim are the best truncation the weights allow. Values alike by
+# W_V's SVD, c_proj absorbing U_v. With a calibration batch, U is the principal axes (PCA
+# about the origin) of the keys and values on it, biases included. kv_shift commutes with
+# this. Latent: far_up = A, far_down = A^T for the top r axes A of the attention input (PCA,
+# or the top right singular vectors of the key and value weights): the best rank-r view.
 
 def principal_axes(moment):
     """Orthogonal matrices whose columns are eigenvectors, largest eigenvalue first."""
@@ -546,8 +709,8 @@ def principal_axes(moment):
 
 @torch.no_grad()
 def input_moments(model, idx):
-    """Per layer, the second moment of the attention input with a 1 appended, (C + 1, C + 1)
-    on idx: for any projection [W, b] of the input, E[y y^T] = [W, b] M [W, b]^T."""
+    """Per layer, the second moment M (C + 1, C + 1) of the attention input with a 1 appended:
+    for a projection [W, b] of it, E[y y^T] = [W, b] M [W, b]^T."""
     moments = []
     def record(module, inputs, output):
         x = F.pad(inputs[0].double().flatten(0, 1), (0, 1), value=1.0)
@@ -562,34 +725,63 @@ def input_moments(model, idx):
     return moments
 
 
+def key_value_axes(weights, biases, moment):
+    """Per key/value head, axes (Hkv, d, d) of its keys and of its values: the weights'
+    left singular vectors, or the principal axes of [W, b] M [W, b]^T (calibration)."""
+    axes = []
+    for i in (1, 2):
+        w = weights[i].double()
+        if moment is None:
+            axes.append(torch.linalg.svd(w, full_matrices=False)[0])
+            continue
+        if biases is not None:
+            w = torch.cat([w, biases[i][..., None].double()], dim=-1)
+        M = moment[:w.size(-1), :w.size(-1)]
+        axes.append(principal_axes(w @ M @ w.mT))
+    return axes
+
+
+@torch.no_grad()
+def rotate_heads(attn, moment):
+    """Rotate one layer's key and value spaces in place (slice conversion)."""
+    weights, biases = attn.head_weights()   # views: writing them writes c_attn
+    U_k, U_v = key_value_axes(weights, biases, moment)
+    group = attn.n_head // attn.n_kv_head   # query heads per key/value head
+    rotations = (U_k.repeat_interleave(group, 0), U_k, U_v)   # q by its key head's U_k
+    for i, U in enumerate(rotations):
+        weights[i].copy_(U.mT @ weights[i].double())
+        if biases is not None:
+            biases[i].copy_((U.mT @ biases[i][..., None].double())[..., 0])
+    c_proj = attn.c_proj.weight.view(attn.n_embd, attn.n_head, -1)   # head h's columns
+    U_out = U_v.repeat_interleave(group, 0)
+    c_proj.copy_(torch.einsum("chi,hij->chj", c_proj.double(), U_out))
+
+
 @torch.no_grad()
 def convert(model, window, far_k_dim=None, far_v_dim=None, calibration=None, far_mode="slice",
             far_latent_dim=None):
     """A copy of a full-dimension model set to the new tiers: rotated per head (slice) or
-    given a bottleneck (latent); with calibration token ids (B, T), by PCA on them."""
-    if not model.config.is_full or model.config.rope:   # (rope: rotations of the key space do not commute with it)
-        raise ValueError("convert expects a full-dimension model (far dims = head_dim) without rope")
+    given a bottleneck (latent); by PCA on calibration token ids (B, T) if given."""
+    if not model.config.is_full or model.config.rope:   # rope: rotations would not commute
+        raise ValueError("convert expects a full-dimension model (far dims = head_dim), no rope")
     config = replace(model.config, window=window, far_k_dim=far_k_dim, far_v_dim=far_v_dim,
                      far_mode=far_mode, far_latent_dim=far_latent_dim)
     param = next(model.parameters())
     new = GPT(config).to(device=param.device, dtype=param.dtype)
-    new.load_state_dict(model.state_dict(), strict=far_mode == "slice")   # latent: + far_down, far_up
-    moments = [None] * config.n_layer if calibration is None else input_moments(model, calibration)
+    new.load_state_dict(model.state_dict(), strict=far_mode == "slice")   # latent: + far maps
+    moments = [None] * config.n_layer
+    if calibration is not None:
+        moments = input_moments(model, calibration)
     for block, M in zip(new.transformer.h, moments):
-        attn, (w, b) = block.attn, block.attn.head_weights()   # views: writing them writes c_attn
-        svd = lambda m: torch.linalg.svd(m.double(), full_matrices=False)
-        if far_mode == "latent":
-            A = svd(w[1:].flatten(0, 2))[2].T if M is None else principal_axes(M[:-1, :-1])
-            attn.far_up.weight.copy_(A[:, :config.far_latent_dim])
-            attn.far_down.weight.copy_(A[:, :config.far_latent_dim].T)
+        attn = block.attn
+        if far_mode == "slice":
+            rotate_heads(attn, M)
             continue
-        Wb = w.double() if b is None else torch.cat([w, b[..., None]], -1).double()   # [W, b] per head
-        U_k, U_v = (svd(w[i])[0] if M is None else principal_axes(Wb[i] @ M[:Wb.size(-1), :Wb.size(-1)] @ Wb[i].mT)
-                    for i in (1, 2))   # (H, d, d)
-        for i, U in ((0, U_k), (1, U_k), (2, U_v)):   # q and k by U_k, v by U_v
-            w[i] = U.mT @ w[i].double()
-            if b is not None:
-                b[i] = (U.mT @ b[i, :, :, None].double())[..., 0]
-        c_proj = attn.c_proj.weight.view(config.n_embd, config.n_head, -1)   # head h's output columns
-        c_proj.copy_(torch.einsum("chi,hij->chj", c_proj.double(), U_v))
+        if M is None:   # the top right singular vectors of the key and value weights
+            key_value_rows = attn.c_attn.weight[attn.n_embd:].double()
+            A = torch.linalg.svd(key_value_rows, full_matrices=False)[2].T
+        else:
+            A = principal_axes(M[:-1, :-1])
+        attn.far_up.weight.copy_(A[:, :config.far_latent_dim])
+        attn.far_down.weight.copy_(A[:, :config.far_latent_dim].T)
     return new
