@@ -21,8 +21,10 @@ Times are medians of several runs after warm-up, the variants alternated in one 
 """
 
 import argparse
+import functools
 import glob
 import json
+import math
 import os
 import statistics
 import sys
@@ -92,14 +94,17 @@ def flags(regime):
 
 
 def kv_ratio(T, regime, n_embd, n_head):
-    """KV bytes per token at context length T, relative to a full cache: the README's
-    formula; latent: the window's keys and values, and a latent for every token (README)."""
+    """KV bytes per token at context length T, relative to a full cache of n_head heads:
+    the README's formula over the key/value heads (fewer with grouped-query attention);
+    latent: the window's keys and values, and a latent for every token (README)."""
     W = regime["window"]
+    kv_heads = regime.get("n_kv_head") or n_head
+    kv_width = n_embd // n_head * kv_heads
     if regime.get("far_mode") == "latent":
         far = T * regime["far_latent_dim"]
     else:
-        far = max(0, T - W) * n_head * (regime["far_k_dim"] + regime["far_v_dim"])
-    return (min(T, W) * 2 * n_embd + far) / (T * 2 * n_embd)
+        far = max(0, T - W) * kv_heads * (regime["far_k_dim"] + regime["far_v_dim"])
+    return (min(T, W) * 2 * kv_width + far) / (T * 2 * n_embd)
 
 
 def median_times(fns, repeats, warmup, device):
@@ -184,12 +189,15 @@ class StaticCache:
     """The peer a user would run instead of the two-tier cache: a plain preallocated full
     cache, as gpt-fast, nanochat and HF's static cache keep it, and nanoGPT's forward over it,
     written here independently of dar's attention and cache (it reads only the weights of a
-    full-regime dar.GPT)."""
+    full-regime dar.GPT, and its norm and MLP modules). Grouped-query heads and rotary
+    positions (adjacent pairs, the usual frequency order) as Llama has them."""
 
     def __init__(self, config, batch_size, dtype, device):
-        shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.head_dim)
+        shape = (config.n_layer, batch_size, config.n_kv_head, config.block_size, config.head_dim)
         self.k, self.v = (torch.zeros(shape, dtype=dtype, device=device) for _ in "kv")
         self.length = 0
+        d = config.head_dim
+        self.freqs = config.rope_base ** -(torch.arange(0, d, 2, device=device).float() / d) if config.rope else None
 
     def reset(self):
         self.length = 0
@@ -199,25 +207,47 @@ class StaticCache:
         """Append idx (B, n) and return the last position's logits (B, 1, vocab_size)."""
         (B, n), t, C = idx.shape, model.transformer, model.config.n_embd
         start, end = self.length, self.length + n
-        x = t.wte(idx) + t.wpe(torch.arange(start, end, device=idx.device))
+        positions = torch.arange(start, end, device=idx.device)
+        x = t.wte(idx) + (t.wpe(positions) if model.has_wpe else 0)
         causal = None if n == 1 or start == 0 else torch.ones(n, end, dtype=torch.bool, device=idx.device).tril(start)
+        kv = self.k.size(2) * self.k.size(-1)
         for layer, block in enumerate(t.h):
-            q, k, v = (z.view(B, n, -1, self.k.size(-1)).transpose(1, 2) for z in block.attn.c_attn(block.ln_1(x)).split(C, 2))
+            q, k, v = (z.view(B, n, -1, self.k.size(-1)).transpose(1, 2)
+                       for z in block.attn.c_attn(block.ln_1(x)).split([C, kv, kv], 2))
+            if self.freqs is not None:
+                q, k = self.rotate(q, positions), self.rotate(k, positions)
             self.k[layer, :, :, start:end], self.v[layer, :, :, start:end] = k, v
             y = F.scaled_dot_product_attention(q, self.k[layer, :, :, :end], self.v[layer, :, :, :end],
-                                               attn_mask=causal, is_causal=start == 0 and n > 1)
+                                               attn_mask=causal, is_causal=start == 0 and n > 1,
+                                               enable_gqa=q.size(1) != k.size(1))
             x = x + block.attn.c_proj(y.transpose(1, 2).reshape(B, n, C))
             x = x + block.mlp(block.ln_2(x))
         self.length = end
         return model.lm_head(t.ln_f(x[:, [-1]]))
 
+    def rotate(self, x, positions):
+        """Pairs (2i, 2i + 1) of x (B, H, n, d) turned by position * freqs[i]."""
+        angle = positions[:, None].float() * self.freqs
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack([x1 * angle.cos() - x2 * angle.sin(), x1 * angle.sin() + x2 * angle.cos()], -1).flatten(-2)
+
 
 DECODE_HEADERS = ["B", "T", "regime", "ms/step", "vs static", "KV MiB held", "MiB allocated", "KV bytes vs full"]
 
 
+# The static peers and the full regime each stands for: grouped-query rows against a
+# static cache of as many key/value heads.
+PEERS = {"static": "full", "static gqa": "full gqa"}
+
+
+def peer_of(name):
+    return "static gqa" if "gqa" in name else "static"
+
+
 def decode_row(r, results):
-    """A row of the decode table; the static peer holds what the full regime holds."""
-    full = next(f for f in results if (f["B"], f["T"], f["regime"]) == (r["B"], r["T"], "full"))
+    """A row of the decode table; a static peer holds what its full regime holds."""
+    full_name = PEERS.get(r["regime"], "full")
+    full = next(f for f in results if (f["B"], f["T"], f["regime"]) == (r["B"], r["T"], full_name))
     held, allocated = (r.get(key, full[key]) / 2**20 for key in ("held_bytes", "allocated_bytes"))
     return [r["B"], r["T"], r["regime"], f"{r['ms_per_step']:.2f}", f"{r['vs_static']:.2f}", f"{held:.2f}",
             f"{allocated:.2f}", f"{r.get('bytes_vs_full', 1.0):.3f}"]
@@ -226,8 +256,8 @@ def decode_row(r, results):
 def cached_forward(name, models, cache):
     """idx -> last logits through a cache: the static peer's forward on the full model, or
     dar.GPT's cached forward."""
-    if name == "static":
-        return lambda idx: cache.forward(models["full"], idx)
+    if name in PEERS:
+        return lambda idx: cache.forward(models[PEERS[name]], idx)
     return lambda idx: models[name](idx, cache=cache)[0]
 
 
@@ -239,9 +269,13 @@ def bench_decode(args):
     ctx, dtype = autocast(device)
     block_size = max(args.lengths + args.prefill_lengths) + args.warmup + args.steps
     configs = regimes(block_size, args.n_head, head_dim, args.window, args.far_dim)
+    if args.kv_heads:   # grouped-query attention, as Llama-family models have it
+        configs.update({f"{name} gqa": {**configs[name], "n_kv_head": args.kv_heads} for name in ("full", "dar")})
     models = {name: model_for(args, c, block_size).to(device).eval() for name, c in configs.items()}
-    new_caches = lambda B: {"static": StaticCache(models["full"].config, B, getattr(torch, dtype), device),
-                            **{name: model.new_cache(B) for name, model in models.items()}}
+    def new_caches(B):
+        peers = {peer: StaticCache(models[full].config, B, getattr(torch, dtype), device)
+                 for peer, full in PEERS.items() if full in models}
+        return {**peers, **{name: model.new_cache(B) for name, model in models.items()}}
     results = []
     for B in args.batch_sizes:
         tokens = torch.randint(args.vocab_size, (B, max(args.lengths)), device=device)
@@ -256,12 +290,12 @@ def bench_decode(args):
                     with torch.no_grad(), ctx:
                         forward(tokens[:, :1])
                 steps[name] = step
-            held = {name: (c.nbytes, c.allocated_nbytes) for name, c in caches.items() if name != "static"}
+            held = {name: (c.nbytes, c.allocated_nbytes) for name, c in caches.items() if name not in PEERS}
             seconds = median_times(steps, args.steps, args.warmup, device)
             for name in caches:
                 r = {"B": B, "T": T, "regime": name, "ms_per_step": 1000 * seconds[name],
-                     "vs_static": seconds[name] / seconds["static"]}
-                if name != "static":   # bytes at T, measured before the timed steps added tokens
+                     "vs_static": seconds[name] / seconds[peer_of(name)]}
+                if name not in PEERS:   # bytes at T, measured before the timed steps added tokens
                     ratio = kv_ratio(T, configs[name], args.n_embd, args.n_head)
                     at_block = kv_ratio(block_size, configs[name], args.n_embd, args.n_head)
                     full, full_allocated = held["full"]
@@ -309,7 +343,7 @@ def bench_prefill(args, models, caches, ctx, device):
             return run
         seconds = median_times({name: prefill(name, cache) for name, cache in caches.items()},
                                args.prefill_repeats, 1, device)
-        rows += [{"T": T, "regime": name, "ms": 1000 * s, "vs_static": s / seconds["static"]}
+        rows += [{"T": T, "regime": name, "ms": 1000 * s, "vs_static": s / seconds[peer_of(name)]}
                  for name, s in seconds.items()]
         print(f"prefill T={T} done", file=sys.stderr, flush=True)
     return rows
@@ -842,6 +876,90 @@ CAPACITY_QUICK = dict(pairs=[4, 16], dims=[2, 8], tied_dims=[4], seeds=1)
 RECALL_QUICK = dict(block_size=64, window=8, max_iters=600, eval_interval=200, train_seqs=5000, val_seqs=200)
 
 
+# ----------------------------------------------------------------------------------------
+
+def shakespeare_val_ids(tokenizer):
+    """Shakespeare's validation split (the last 10%, as data/prepare.py splits it) in
+    SmolLM2's tokens."""
+    from data.prepare import DATA_DIR, fetch_shakespeare
+    text = fetch_shakespeare(os.path.join(DATA_DIR, "cache"))
+    return tokenizer.encode(text[int(len(text) * 0.9):])
+
+
+@torch.no_grad()
+def perplexity(model, ids, context, max_windows, ctx):
+    """exp(mean loss) over consecutive windows of `context` + 1 tokens, every token of each
+    scored with the context its window gives it (the first ones little): (ppl, tokens)."""
+    windows = min(len(ids) // (context + 1), max_windows or len(ids))
+    total, start = 0.0, time.time()
+    for w in range(windows):
+        x = torch.tensor([ids[w * (context + 1):(w + 1) * (context + 1)]])
+        with ctx:
+            total += model(x[:, :-1], targets=x[:, 1:])[1].item()
+        if (w + 1) % 10 == 0 or w + 1 == windows:
+            left = (time.time() - start) / (w + 1) * (windows - w - 1)
+            print(f"context {context}: window {w + 1}/{windows}, perplexity so far {math.exp(total / (w + 1)):.2f}, "
+                  f"{left / 60:.1f} min left", flush=True)
+    return math.exp(total / windows), windows * context
+
+
+def bench_pretrained(args):
+    """SmolLM2-135M (full attention): perplexity on Shakespeare's validation split at each
+    context, the KV bytes its cache holds there, and decode step time and time to first
+    token against the static peer (B 1)."""
+    import smollm2
+    device = pick_device(args.device)
+    ctx, dtype = autocast(device)
+    block_size = max(args.contexts + args.lengths) + args.warmup + args.steps
+    model = smollm2.from_gguf(block_size=block_size, device=device)
+    cfg = model.config
+    ids = shakespeare_val_ids(smollm2.GGUFTokenizer())
+    rows, results = [], {"perplexity": {}, "decode": [], "prefill": []}
+    for T in args.contexts:
+        t0 = time.time()
+        ppl, scored = perplexity(model, ids, T, args.max_windows, ctx)
+        kv_mib = cfg.n_layer * 2 * cfg.n_kv_head * cfg.head_dim * T * 4 / 2**20
+        results["perplexity"][T] = {"perplexity": ppl, "tokens": scored, "kv_mib": kv_mib}
+        rows.append([T, scored, f"{ppl:.3f}", f"{kv_mib:.1f}", f"{time.time() - t0:.0f}"])
+    tables = [markdown(["context", "tokens scored", "perplexity", "KV MiB held at the context (fp32)",
+                        "seconds"], rows)]
+    if args.lengths:
+        tables += pretrained_speed(args, model, dtype, device, ctx, results)
+    report(args, "pretrained", tables, results)
+
+
+def pretrained_speed(args, model, dtype, device, ctx, results):
+    """dar's full cache against the static peer on SmolLM2: one-token steps after a prompt
+    of T tokens (interleaved, median), and the prefill of T tokens."""
+    tokens = torch.randint(model.config.vocab_size, (1, max(args.lengths)), device=device)
+    decode_rows, prefill_rows = [], []
+    for T in args.lengths:
+        caches = {"static": StaticCache(model.config, 1, getattr(torch, dtype), device), "dar full": model.new_cache(1)}
+        forwards = {"static": lambda idx, c=caches["static"]: c.forward(model, idx),
+                    "dar full": lambda idx, c=caches["dar full"]: model(idx, cache=c)[0]}
+        prefill = {name: [] for name in caches}
+        for _ in range(args.prefill_repeats):   # time to first token, alternated
+            for name, cache in caches.items():
+                cache.reset()
+                start = time.perf_counter()
+                with torch.no_grad(), ctx:
+                    forwards[name](tokens[:, :T])
+                prefill[name].append(time.perf_counter() - start)
+        def step(forward):   # one token after what the cache holds
+            with torch.no_grad(), ctx:
+                forward(tokens[:, :1])
+        steps = median_times({name: functools.partial(step, f) for name, f in forwards.items()}, args.steps,
+                             args.warmup, device)
+        for name in caches:
+            decode_rows.append([T, name, f"{1000 * steps[name]:.1f}", f"{steps[name] / steps['static']:.2f}"])
+            ms = 1000 * statistics.median(prefill[name])
+            prefill_rows.append([T, name, f"{ms:.0f}", f"{statistics.median(prefill[name]) / statistics.median(prefill['static']):.2f}"])
+            results["decode"].append({"T": T, "regime": name, "ms_per_step": 1000 * steps[name]})
+            results["prefill"].append({"T": T, "regime": name, "ms": ms})
+    return [markdown(["context T", "cache", "ms per token step", "vs static"], decode_rows),
+            markdown(["prompt T", "cache", "ms to first token", "vs static"], prefill_rows)]
+
+
 # What the flags that several sub-commands share mean, for --help.
 MEANING = dict(
     n_layer="transformer blocks of every model", n_head="attention heads per block",
@@ -893,6 +1011,8 @@ def main(argv=None):
     speed.add_argument("--gen_repeats", type=int, default=3, help="timed generations per variant (the median) " + d)
     decode.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8], help="batch sizes of the decode "
                         "rows " + d)
+    decode.add_argument("--kv_heads", type=int, default=1, help="key/value heads of the grouped-query rows "
+                        "(full gqa, dar gqa, each against a static cache of as many heads; 0: none) " + d)
     decode.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 2048, 4096], help="context lengths "
                         "of the decode rows (block_size is the longest) " + d)
     decode.add_argument("--steps", type=int, default=40, help="one-token steps timed, variants interleaved " + d)
@@ -956,6 +1076,18 @@ def main(argv=None):
     capacity.add_argument("--tied_dims", type=int, nargs="+", default=[2, 4, 8], help="far_k_dim = far_v_dim " + d)
     capacity.add_argument("--seeds", type=int, default=3, help="runs per cell, seeds --seed, --seed + 1, ... " + d)
     capacity.add_argument("--quick", action="store_true", help=f"one seed and a subset, to try it out: {CAPACITY_QUICK}")
+    pretrained = sub.add_parser("pretrained", help=bench_pretrained.__doc__)
+    pretrained.add_argument("--contexts", type=int, nargs="+", default=[1024], help="contexts at which the "
+                            "perplexity is measured, in windows of that many tokens " + d)
+    pretrained.add_argument("--max_windows", type=int, default=0, help="windows scored per context (0: all "
+                            "the validation split holds) " + d)
+    pretrained.add_argument("--lengths", type=int, nargs="*", default=[1024, 4096], help="contexts of the "
+                            "decode and prefill timings (none: no timing) " + d)
+    pretrained.add_argument("--steps", type=int, default=20, help="one-token steps timed, alternated " + d)
+    pretrained.add_argument("--warmup", type=int, default=3, help="untimed steps before them " + d)
+    pretrained.add_argument("--prefill_repeats", type=int, default=3, help="timed prefills per cache " + d)
+    for flag, default in (("device", "auto"), ("out_dir", "bench_out")):
+        pretrained.add_argument(f"--{flag}", default=default, help=f"{MEANING[flag]} {d}")
     args = p.parse_args(argv)
     if args.command in ("speed", "decode") and args.far_dim == 0:
         p.error("--far_dim must be > 0")   # quality: 0 means head_dim / 4; recall sets its own

@@ -322,7 +322,7 @@ def test_cli_rough_edges_get_their_own_line(corpus, trained, tmp_path):
         fails_cleanly(call(sample.main, "--out_dir", out, flag, value), f"{flag} {float(value) if flag == '--temperature' else value}: must be {rule}")
 
 
-BENCH_COMMANDS = ("speed", "decode", "quality", "recall", "capacity", "attention", "tiers")
+BENCH_COMMANDS = ("speed", "decode", "quality", "recall", "capacity", "attention", "tiers", "pretrained")
 
 
 @pytest.mark.parametrize("script, args, least", [("train.py", [], 40), ("sample.py", [], 10),
@@ -391,8 +391,13 @@ def test_a_kill_between_evaluations_loses_at_most_ckpt_interval(corpus, tmp_path
     assert "ckpt_last.pt (iter 5; --init_from resume continues it)" in r.stderr
     assert torch.load(tmp_path / "b" / "ckpt_last.pt", weights_only=True)["iter_num"] == 5
     monkeypatch.setattr(train, "lr_at", lr_at)
+    resumes_to_the_same_weights(tmp_path, from_iter=5)
+
+
+def resumes_to_the_same_weights(tmp_path, from_iter):
+    """Run b, resumed, ends at iter 10 with the very weights of run a, never stopped."""
     r = call(train.main, "--out_dir", str(tmp_path / "b"), "--init_from", "resume")
-    assert "from iter 5" in r.stdout
+    assert f"from iter {from_iter}" in r.stdout
     a, b = (torch.load(tmp_path / d / "ckpt_last.pt", weights_only=True) for d in ("a", "b"))
     assert a["iter_num"] == b["iter_num"] == 10
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
@@ -418,11 +423,7 @@ def test_ctrl_c_saves_the_iteration_reached_and_resumes_the_same_run(corpus, tmp
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # restored for pytest
     assert torch.load(tmp_path / "b" / "ckpt_last.pt", weights_only=True)["iter_num"] == 8
     monkeypatch.setattr(train, "lr_at", lr_at)
-    r = call(train.main, "--out_dir", str(tmp_path / "b"), "--init_from", "resume")
-    assert "from iter 8" in r.stdout
-    a, b = (torch.load(tmp_path / d / "ckpt_last.pt", weights_only=True) for d in ("a", "b"))
-    assert a["iter_num"] == b["iter_num"] == 10
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    resumes_to_the_same_weights(tmp_path, from_iter=8)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
@@ -617,9 +618,14 @@ def test_bench_speed_smoke(tmp_path):
     assert set(result["step_seconds"]) == set(names[:8]) and len(result["generate_seconds"]) == 2
 
 
-def test_the_static_peer_of_bench_decode_matches_the_uncached_forward():
+LLAMA_LIKE = dict(n_head=4, n_embd=32, n_kv_head=2, rope=True, norm="rmsnorm", mlp="swiglu", bias=False)
+
+
+@pytest.mark.parametrize("family", [{}, LLAMA_LIKE], ids=["gpt2", "llama"])
+def test_the_static_peer_of_bench_decode_matches_the_uncached_forward(family):
     torch.manual_seed(0)
-    model = dar.GPT(dar.GPTConfig(vocab_size=11, block_size=24, n_layer=2, n_head=2, n_embd=16, window=24)).eval()
+    kw = {**dict(vocab_size=11, block_size=24, n_layer=2, n_head=2, n_embd=16, window=24), **family}
+    model = dar.GPT(dar.GPTConfig(**kw)).eval()
     idx = torch.randint(0, 11, (3, 24))
     cache = bench.StaticCache(model.config, 3, torch.float32, "cpu")
     with torch.no_grad():
@@ -637,18 +643,22 @@ def test_bench_decode_smoke_bytes_are_the_formula(tmp_path):
     assert r.returncode == 0, r.stderr
     result = json.load(open(tmp_path / "decode.json"))
     rows = result["rows"]
-    assert len(rows) == 2 * 3 * 9   # (B, T) x (the static peer, 8 regimes)
-    assert [row["regime"] for row in rows[:9]] == ["static", "full", "dar", "uniform", "thin_keys", "sliding", "dar latent", "dar latent n/4", "uniform latent"]
+    names = ["static", "static gqa", "full", "dar", "uniform", "thin_keys", "sliding", "dar latent", "dar latent n/4",
+             "uniform latent", "full gqa", "dar gqa"]
+    assert len(rows) == 2 * 3 * 12   # (B, T) x (the two static peers, 8 regimes, 2 grouped-query ones)
+    assert [row["regime"] for row in rows[:12]] == names
     for row in rows:
         assert row["ms_per_step"] > 0
-        if row["regime"] != "static":
+        if row["regime"] not in ("static", "static gqa"):
             assert row["held_bytes"] == row["formula_bytes"], row
             assert row["allocated_bytes"] == row["formula_at_block_bytes"], row
     full = [row for row in rows if row["regime"] == "full"]
     assert all(row["held_bytes"] == row["full_bytes"] for row in full)
-    prefill = result["prefill"]   # time to first token: each prompt length, the peer and every regime
-    assert [(row["T"], row["regime"]) for row in prefill] == [(T, row["regime"]) for T in (5, 30) for row in rows[:9]]
-    assert all(row["ms"] > 0 for row in prefill) and len(table_rows(r.stdout)) == 2 * 3 * 9 + 2 * 9 + 2
+    gqa = [row for row in rows if row["regime"] == "full gqa"]   # TINY_BENCH: 2 heads, 1 key/value head
+    assert all(2 * row["held_bytes"] == row["full_bytes"] and row["bytes_vs_full"] == 0.5 for row in gqa)
+    prefill = result["prefill"]   # time to first token: each prompt length, the peers and every regime
+    assert [(row["T"], row["regime"]) for row in prefill] == [(T, name) for T in (5, 30) for name in names]
+    assert all(row["ms"] > 0 for row in prefill) and len(table_rows(r.stdout)) == 2 * 3 * 12 + 2 * 12 + 2
     assert set(result["sample_seconds"]) == {"batched", "sequential"}
     assert (tmp_path / "decode.png").exists() or "matplotlib is not installed" in r.stdout   # an optional extra
 
@@ -935,7 +945,8 @@ def test_every_readme_command_runs_as_written(corpus, tmp_path):
     for command in readme_commands():
         if command.startswith(("python bench.py", "python -m pytest")):
             if "bench" in command:   # each bench command has a smoke test of the same sub-command
-                assert f"def test_bench_{command.split()[2]}_smoke" in open(__file__).read(), command
+                tests = open(__file__).read() + open(os.path.join(REPO, "test_smollm2.py")).read()
+                assert f"def test_bench_{command.split()[2]}_smoke" in tests, command
             continue
         trains = "train.py" in command and "--help" not in command
         line = command + (" " + SHORTER + (" --max_iters 8" if "resume" in command else "") if trains else "")

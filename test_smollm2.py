@@ -214,17 +214,9 @@ def test_smollm2_says_paris_and_cached_decoding_is_uncached(model, tokenizer):
 
 
 @needs_weights
-def test_sample_and_fine_tune_smollm2_from_the_command_line(tmp_path):
-    import sample
+def test_fine_tune_smollm2_resumes_and_refuses_what_it_cannot_honour(tmp_path):
+    """(Sampling it, --chat and a first fine-tune run in the README's commands, in test_e2e.)"""
     import train
-    r = call(sample.main, "--init_from", "smollm2", "--prompt", "The capital of France is", "--top_k", "1",
-             "--max_new_tokens", "3", "--block_size", "64")
-    assert r.returncode == 0 and r.stdout.startswith("The capital of France is Paris"), r.stderr
-    assert "kv cache at" in r.stderr and "tokens/s" in r.stderr
-    r = call(sample.main, "--init_from", "smollm2", "--chat", "--prompt", "Say yes.", "--max_new_tokens", "40",
-             "--block_size", "128", "--top_k", "1")
-    assert r.returncode == 0 and "<|im_start|>assistant\n" in r.stdout and "<|im_end|>" not in r.stdout.split(
-        "assistant\n")[-1]
     text = tmp_path / "text.txt"
     text.write_text("To be, or not to be, that is the question:\n" * 200)
     call(__import__("data.prepare", fromlist=["main"]).main, "--input", str(text), "--tokenizer", "smollm2",
@@ -242,3 +234,16 @@ def test_sample_and_fine_tune_smollm2_from_the_command_line(tmp_path):
     call(__import__("data.prepare", fromlist=["main"]).main, "--input", str(text), "--data_dir", str(char_data))
     fails_cleanly(call(train.main, "--init_from", "smollm2", "--dataset", str(char_data / "text_char"),
                        "--out_dir", str(tmp_path / "o2")), "needs a dataset made with SmolLM2's tokenizer")
+
+
+@needs_weights
+def test_bench_pretrained_smoke(tmp_path, shakespeare_val):
+    import json
+    import bench
+    r = call(bench.main, "pretrained", "--contexts", "16", "--max_windows", "2", "--lengths", "24", "--steps", "1",
+             "--warmup", "1", "--prefill_repeats", "1", "--device", "cpu", "--out_dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    result = json.load(open(tmp_path / "pretrained.json"))
+    assert result["perplexity"]["16"]["tokens"] == 32 and 1 < result["perplexity"]["16"]["perplexity"] < 1000
+    assert result["perplexity"]["16"]["kv_mib"] == 30 * 2 * 3 * 64 * 16 * 4 / 2**20   # the formula: 3 kv heads
+    assert {(row["T"], row["regime"]) for row in result["decode"]} == {(24, "static"), (24, "dar full")}
