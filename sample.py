@@ -196,8 +196,9 @@ def cache_report(stats):
             f"of {size(allocated)} allocated, vs {size(full)} for a full cache: {held / full:.3f}x")
 
 
-def prompt_from(prompt, tokenizer):
-    """The token ids of --prompt: the text itself, FILE:path, or - for stdin."""
+def prompt_from(prompt, tokenizer, chat=False):
+    """The token ids of --prompt (the text itself, FILE:path, or - for stdin), wrapped in the
+    chat template with chat=True."""
     if prompt == "-":
         prompt = sys.stdin.read()
     elif prompt.startswith("FILE:"):
@@ -208,7 +209,7 @@ def prompt_from(prompt, tokenizer):
             prompt = f.read()
     if not prompt:
         raise ValueError("the prompt is empty")
-    ids = tokenizer.encode(prompt)
+    ids = tokenizer.gguf.chat(prompt) if chat else tokenizer.encode(prompt)
     if not ids:
         raise ValueError(f"the prompt {prompt!r} encodes to no tokens with this model's tokenizer")
     return ids
@@ -217,10 +218,12 @@ def prompt_from(prompt, tokenizer):
 def load_model(args, device):
     """The model and tokenizer --init_from names: a checkpoint of ours, or SmolLM2's GGUF."""
     if args.init_from == "smollm2":
-        if args.block_size < 1:
+        if args.block_size is not None and args.block_size < 1:
             raise ValueError(f"--block_size {args.block_size}: must be >= 1")
-        model = smollm2.from_gguf(block_size=args.block_size, device=device)
-        return model, Tokenizer({"tokenizer": "smollm2", "vocab_size": model.config.vocab_size})
+        model = smollm2.from_gguf(block_size=args.block_size or 2048, device=device)
+        return model, Tokenizer.build("smollm2")
+    if args.block_size is not None:   # a checkpoint's context is its own
+        raise ValueError("--block_size applies to --init_from smollm2 only")
     path = args.ckpt or os.path.join(args.out_dir, "ckpt_best.pt")
     if not args.ckpt and not os.path.exists(path):
         path = os.path.join(args.out_dir, "ckpt_last.pt")
@@ -237,8 +240,8 @@ def main(argv=None):
                    "of train.py (--ckpt or OUT_DIR's); smollm2: SmolLM2-135M-Instruct from its GGUF file "
                    f"({smollm2.INSTALL}) " + d)
     p.add_argument("--ckpt", help="a checkpoint file (default: OUT_DIR/ckpt_best.pt, else OUT_DIR/ckpt_last.pt)")
-    p.add_argument("--block_size", type=int, default=2048, help="smollm2: the longest context it holds, which "
-                   "the cache is allocated for (its training context: 8192) " + d)
+    p.add_argument("--block_size", type=int, help="smollm2: the longest context it holds, which the cache is "
+                   "allocated for (its training context: 8192) (default: 2048)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template (one user "
                    "message, then the assistant's turn) and stop at the end of its turn (smollm2)")
     p.add_argument("--out_dir", default="out", help="the training run's output folder " + d)
@@ -266,9 +269,10 @@ def main(argv=None):
         model, tokenizer = load_model(args, device)
         if args.chat and tokenizer.gguf is None:
             raise ValueError("--chat needs a model with a chat template (--init_from smollm2)")
-        prompt_ids = default_prompt_ids(tokenizer) if args.prompt is None else prompt_from(args.prompt, tokenizer)
-        if args.chat:
-            prompt_ids = tokenizer.gguf.chat(tokenizer.decode(prompt_ids))
+        if args.prompt is None and not args.chat:
+            prompt_ids = default_prompt_ids(tokenizer)
+        else:
+            prompt_ids = prompt_from("\n" if args.prompt is None else args.prompt, tokenizer, args.chat)
         block_size = model.config.block_size
         if len(prompt_ids) > block_size:
             print(f"note: the prompt's {len(prompt_ids)} tokens exceed block_size {block_size}: "

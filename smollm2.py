@@ -182,8 +182,7 @@ class GGUFTokenizer:
             first, second = merge.split(" ")
             joined = bytes(to_byte[c] for c in first + second)
             ranks.setdefault(joined, len(ranks))
-        self.rank_to_id = np.array([ids.get(token, -1) for token in ranks])   # (dicts keep order)
-        assert all(self.rank_to_id[rank] == ids.get(token, -1) for token, rank in ranks.items())
+        self.rank_to_id = np.array([ids.get(token, -1) for token in ranks])   # ranks 0, 1, ... in order
         self.encoding = tiktoken.Encoding("smollm2", pat_str=DIGITS_THEN_GPT2, mergeable_ranks=ranks,
                                           special_tokens={})
         self.specials = {tokens[i]: i for i, kind in enumerate(kinds) if kind == 3}

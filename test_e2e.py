@@ -591,6 +591,7 @@ def test_sample_default_prompt_on_token_id_data_and_long_prompts(trained, tmp_pa
     r = call(sample.main, "--out_dir", out, "--max_new_tokens", "5")   # the default prompt: token 0
     assert r.returncode == 0 and len(r.stdout.split()) == 6, r.stderr
     fails_cleanly(call(sample.main, "--out_dir", out, "--prompt", "\n"), "encodes to no tokens")
+    fails_cleanly(call(sample.main, "--out_dir", out, "--block_size", "64"), "--block_size applies to --init_from smollm2")
     out_char, _ = trained   # block_size 32
     r = call(sample.main, "--out_dir", out_char, "--prompt", "ROMEO: " * 10, "--max_new_tokens", "3")
     assert "note: the prompt's 70 tokens exceed block_size 32: the model sees its last 32" in r.stderr
