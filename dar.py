@@ -3,14 +3,8 @@ Distance-Adaptive Representation (DAR) in a nanoGPT-style GPT, in one file.
 
 A token's key and value keep their full head dimension while it is among the last `window`
 tokens; further away it keeps less ("slice": its first coordinates; "latent": a learned
-bottleneck). One softmax spans both tiers. README.md explains the method.
-
-  1. GPTConfig      nanoGPT's fields, the modern family (GQA, RMSNorm, SwiGLU, rope), the
-                    window, the far mode and its sizes, kv_shift
-  2. dar_attention  DAR over a sequence: training, the uncached forward, cached prompts
-  3. KVCache        storage: what every token keeps from its arrival, and the window's rest
-  4. the model      attention (a sequence path and a one-token decode path), nanoGPT's GPT
-  5. convert        a trained full model rotated (slice) or given a bottleneck (latent)
+bottleneck). One softmax spans both tiers. Sections: 1. GPTConfig, 2. dar_attention,
+3. KVCache, 4. the model, 5. convert (a trained full model made DAR). See README.md.
 """
 
 import math
@@ -44,14 +38,13 @@ class GPTConfig:
     window: int = 64                   # tokens at distance < window keep full dimensions
     far_k_dim: Optional[int] = None    # slice: key coordinates kept beyond the window
     far_v_dim: Optional[int] = None    # slice: value coordinates kept (None: head_dim / 4)
-    kv_shift: bool = False             # KV shifting attention (Xu et al.)
+    kv_shift: bool = False             # KV shifting attention
     far_mode: str = "slice"            # what a distant token keeps: "slice" or "latent"
     far_latent_dim: Optional[int] = None   # latent: the bottleneck width r (None: n_embd/4)
-    rope: bool = False                 # rotary positions on queries and keys instead of wpe
-    rope_wpe: bool = False             # rope: keep wpe's learned absolute positions as well
+    rope: bool = False                 # rotary positions (queries, keys) instead of wpe
+    rope_wpe: bool = False             # rope: keep wpe's learned positions as well
     rope_base: float = 10000.0
-    rope_prefix: str = "high"          # rope: a far key's first pairs: "high", "low" or
-                                       # "unrotated" (frequencies)
+    rope_prefix: str = "high"          # rope: a far key's first pairs (rope_frequencies)
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -63,14 +56,15 @@ class GPTConfig:
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
         for name, choices in (("norm", ("layernorm", "rmsnorm")), ("mlp", ("gelu", "swiglu")),
-                              ("far_mode", ("slice", "latent"))):
+                              ("far_mode", ("slice", "latent")),
+                              ("rope_prefix", ("high", "low", "unrotated"))):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be one of {choices}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
         if self.window < 0:
             raise ValueError(f"window={self.window} must be >= 0")
-        # each far mode's sizes: (mode, field, smallest, largest); None means largest // 4
+        # each far mode's sizes: (mode, field, smallest, largest); None: largest // 4
         for mode, name, low, high in (("slice", "far_k_dim", 0, self.head_dim),
                                       ("slice", "far_v_dim", 0, self.head_dim),
                                       ("latent", "far_latent_dim", 1, self.n_embd)):
@@ -94,14 +88,11 @@ class GPTConfig:
     def check_rope(self):
         if not self.rope_base > 0:
             raise ValueError(f"rope_base={self.rope_base} must be > 0")
-        if self.rope_prefix not in ("high", "low", "unrotated"):
-            raise ValueError(f"rope_prefix={self.rope_prefix!r}: 'high', 'low' or 'unrotated'")
-        if self.head_dim % 2 or (self.far_k_dim or 0) % 2:   # rotary pairs stay whole
+        if self.head_dim % 2 or (self.far_k_dim or 0) % 2:   # pairs stay whole
             raise ValueError(f"far_k_dim={self.far_k_dim} and head_dim={self.head_dim} must be "
                              "even with rope")
         if self.far_mode == "latent" and not self.is_full:
-            raise ValueError("far_mode='latent' with rope: a far key it never builds cannot be "
-                             "rotated (README)")
+            raise ValueError("far_mode='latent' builds no far key to turn: no rope")
 
     @property
     def head_dim(self):
@@ -114,8 +105,7 @@ class GPTConfig:
         return self.window >= self.block_size or (self.far_k_dim, self.far_v_dim) == (d, d)
 
     def tiers(self):
-        """(window, far_mode, far_k_dim, far_v_dim) as computed: full is a window of
-        block_size, nothing beyond it; latent keeps its latent, no slice."""
+        """(window, far_mode, far_k_dim, far_v_dim) as computed (full: a window of block_size)."""
         if self.is_full:
             return self.block_size, "slice", 0, 0
         if self.far_mode == "latent":
@@ -130,16 +120,14 @@ class GPTConfig:
 #             = q_i . far_k_j / sqrt(d)   if i - j >= window       (far tier)
 # one softmax over both tiers; a far token contributes far_v_j, where:
 #   slice:  far_k_j = [k_j[:rk], 0, ..., 0], far_v_j = [v_j[:rv], 0, ..., 0]
-#   latent: far_k_j, far_v_j = the layer's key and value projections of far_up(far_down(x_j))
-# Trick: give SDPA the keys and their far copies side by side, with a mask that lets query
-# i see the first copy of j inside the window and the second beyond it: exactly the formula,
-# by the fused kernel. Queries go in blocks, each given only the keys it can see; they may
-# be the last n of T positions, so cached prompts take this same path.
+#   latent: far_k_j, far_v_j = the key and value projections of far_up(far_down(x_j))
+# Trick: give SDPA the keys and their far copies side by side, masked so that query i sees
+# the first copy of j inside the window and the second beyond it. Queries go in blocks, each
+# given only the keys it can see; they may be the last n of T positions (cached prompts).
 
 def dar_attention(q, k, v, far_k, far_v, window, dropout_p=0.0, block=None):
-    """q: (B, H, n, d), queries of the last n of T positions (training: n = T); k, v: (B, Hkv,
-    m, d), whole keys and values of the last m >= n positions; far_k, far_v: (B, Hkv, T, d),
-    every position as seen beyond the window, or None (a sliding window). -> (B, H, n, d)."""
+    """q: (B, H, n, d), the last n of T positions; k, v: (B, Hkv, m, d), the last m >= n;
+    far_k, far_v: (B, Hkv, T, d), all T as seen beyond the window, or None (sliding window)."""
     n = q.size(2)
     m = k.size(2)
     T = m if far_k is None else far_k.size(2)
@@ -180,8 +168,7 @@ def dar_attention(q, k, v, far_k, far_v, window, dropout_p=0.0, block=None):
 # block_size positions (slice: the first rk / rv coordinates of its key and value; latent:
 # far_down(x)); a ring of `window` slots (token p in slot p % window) holds the rest of the
 # window's tokens. Nothing moves when a token leaves the window; a slice cache holds min(T,
-# W) * 2d + max(0, T - W) * (rk + rv) numbers a key/value head. Full regime: a ring of
-# block_size that never wraps. Allocated once, in the dtype of the first keys (gpt-fast).
+# W) * 2d + max(0, T - W) * (rk + rv) numbers a key/value head. Full: a ring of block_size.
 
 def tensor_bytes(tensors):
     return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
@@ -201,9 +188,9 @@ class LayerCache:
         self.local_v = None   # (B, Hkv, window, d - rv), slot p % window
         self.last_k = None    # kv_shift: the last token's raw key and value
         self.last_v = None
-        self.maps = None      # latent: the absorbed maps, derived once a fill
+        self.maps = None      # latent: the absorbed maps
 
-    def allocate(self, like):   # once, in the dtype and on the device of the keys `like`
+    def allocate(self, like):   # once, in the dtype and on the device of `like`
         if self.local_k is not None:
             return
         d = self.config.head_dim
@@ -229,18 +216,17 @@ class LayerCache:
             self.far_v[:, :, L:L + n] = v[..., :rv]
         if self.latents is not None:
             self.latents[:, L:L + n] = latents
-        if W and n == 1:   # (a slice, not an index: fewer operations when decoding)
+        if W and n == 1:   # (a slice, not an index: fewer operations)
             self.local_k[:, :, L % W:L % W + 1] = k[..., rk:]
             self.local_v[:, :, L % W:L % W + 1] = v[..., rv:]
-        elif W:   # the chunk's last tokens: the earlier ones are beyond the window already
+        elif W:   # the chunk's last tokens: the others are beyond the window already
             slots = torch.arange(max(L, L + n - W), L + n, device=k.device) % W
             self.local_k.index_copy_(2, slots, k[:, :, n - len(slots):, rk:])
             self.local_v.index_copy_(2, slots, v[:, :, n - len(slots):, rv:])
         self.length = L + n
 
     def recent(self, like):
-        """Whole keys and values, in position order, of the held tokens the next token sees
-        locally (the last window - 1): what they keep joined to the ring's rest."""
+        """Whole keys and values of the last window - 1 tokens held, in position order."""
         self.allocate(like)
         first = max(0, self.length - max(self.window - 1, 0))
         pos = torch.arange(first, self.length, device=self.local_k.device)
@@ -257,7 +243,7 @@ class LayerCache:
         return tuple(None if t is None else t[..., :self.length, :] for t in held)
 
     def tier_nbytes(self):
-        """(local, far) bytes: the window's tokens whole; what older ones keep."""
+        """(local, far) bytes: the window's tokens; what older ones keep."""
         T = self.length
         m = min(T, self.window)
         slices = [t for t in (self.far_k, self.far_v) if t is not None]
@@ -290,22 +276,15 @@ class KVCache:
             layer.maps = None
 
     def copy_rows(self, prefilled):
-        """Take over a cache of fewer rows, row b copied to rows b * repeats, ...: samples
-        share one prefill."""
+        """Row b of a cache of fewer rows copied to rows b * repeats, ... (one prefill)."""
         repeats = self.batch_size // prefilled.batch_size
         if repeats * prefilled.batch_size != self.batch_size or prefilled.config != self.config:
             raise ValueError("copy_rows needs the same config and a batch size dividing this")
         self.reset()
         for mine, theirs in zip(self.layers, prefilled.layers):
-            if theirs.local_k is not None:
-                mine.allocate(theirs.local_k)
-                for name in ("far_k", "far_v", "latents", "local_k", "local_v"):   # rows to copies
-                    if getattr(theirs, name) is not None:
-                        rows = getattr(mine, name).unflatten(0, (-1, repeats))
-                        rows.copy_(getattr(theirs, name).unsqueeze(1))
-            if theirs.last_k is not None:
-                mine.last_k = theirs.last_k.repeat_interleave(repeats, 0)
-                mine.last_v = theirs.last_v.repeat_interleave(repeats, 0)
+            for name in ("far_k", "far_v", "latents", "local_k", "local_v", "last_k", "last_v"):
+                t = getattr(theirs, name)
+                setattr(mine, name, None if t is None else t.repeat_interleave(repeats, 0))
             mine.length = theirs.length
 
     def tier_nbytes(self):
@@ -333,10 +312,9 @@ class KVCache:
 
 
 # ----------------------------------------------------------------------------------------
-# 4. The model: in the full regime nanoGPT's GPT, its parameter names and shapes (a nanoGPT
-# state dict loads as is); kv_shift adds 4 (n_kv_head,) vectors a layer, latent 2 maps.
-# With grouped-query attention c_attn's rows are the queries, then the keys and values of
-# n_kv_head heads; query head h reads key/value head h // (n_head // n_kv_head) (Llama's).
+# 4. The model: in the full regime nanoGPT's GPT, its names and shapes (kv_shift adds 4
+# (n_kv_head,) vectors a layer, latent 2 maps). GQA: c_attn's rows are the queries, then
+# the keys and values of n_kv_head heads; query head h reads key/value head h // group.
 
 def mix(now, prev, x, before):
     """KV shifting's mix, per key/value head (dim 1): now * x + prev * before."""
@@ -344,9 +322,9 @@ def mix(now, prev, x, before):
 
 
 def rope_frequencies(config):
-    """Pair (2i, 2i + 1) turns by p * freqs[i] at position p; a far key keeps the first
-    pairs: the highest frequencies (the usual order), the lowest, or far_k_dim unrotated
-    coordinates (partial rotary)."""
+    """Pair (2i, 2i + 1) turns by p * freqs[i] at position p; a far key keeps the first. From
+    scratch, rope_prefix puts first the highest frequencies (the usual order), the lowest, or
+    far_k_dim unrotated coordinates; convert orders a model's pairs per head (pair_order)."""
     d = config.head_dim
     kept = config.far_k_dim if config.far_mode == "slice" else 0
     freqs = config.rope_base ** -torch.arange(0, d, 2).double().div(d)
@@ -372,7 +350,7 @@ class CausalSelfAttention(nn.Module):
         kv_width = config.n_kv_head * config.head_dim
         self.qkv_sizes = [config.n_embd, kv_width, kv_width]   # c_attn's rows: q, k, v
         self.c_attn = nn.Linear(config.n_embd, sum(self.qkv_sizes), bias=config.bias)
-        if config.far_mode == "latent":   # the bottleneck a distant token's input passes
+        if config.far_mode == "latent":   # a distant token's bottleneck
             self.far_down = nn.Linear(config.n_embd, config.far_latent_dim, bias=False)
             self.far_up = nn.Linear(config.far_latent_dim, config.n_embd, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -386,15 +364,16 @@ class CausalSelfAttention(nn.Module):
             self.v_shift_now = nn.Parameter(v_now)
             self.v_shift_prev = nn.Parameter(1 - v_now)
         self.rope = config.rope
-        if self.rope:
+        if self.rope:   # kv head h's pair slot i turns at rope_freqs[rope_pairs[h, i]] (saved)
             self.register_buffer("rope_freqs", rope_frequencies(config), persistent=False)
+            pairs = torch.arange(self.head_dim // 2).repeat(self.n_kv_head, 1)
+            self.register_buffer("rope_pairs", pairs)
 
     def heads(self, t):   # (B, T, n * head_dim) -> (B, n, T, head_dim)
         return t.view(*t.shape[:2], -1, self.head_dim).transpose(1, 2)
 
     def head_weights(self):
-        """c_attn as per-head views (writing them writes c_attn): weights q (H, d, C), k, v
-        (Hkv, d, C); biases (H, d), (Hkv, d), (Hkv, d) or None."""
+        """c_attn as per-head views: weights q (H, d, C), k, v (Hkv, d, C); biases or None."""
         d = self.head_dim
         weights = tuple(w.unflatten(0, (-1, d)) for w in self.c_attn.weight.split(self.qkv_sizes))
         if self.c_attn.bias is None:
@@ -403,9 +382,12 @@ class CausalSelfAttention(nn.Module):
         return weights, tuple(b.unflatten(0, (-1, d)) for b in biases)
 
     def rotate(self, x, start):
-        """RoPE: x (B, H, T, d) at positions start, start + 1, ... turned pair by pair."""
+        """RoPE: x (B, H, T, d) at positions start, start + 1, ... turned pair by pair, each
+        head's pairs at its key/value head's frequencies."""
         positions = torch.arange(start, start + x.size(2), device=x.device).float()
-        angle = positions[:, None] * self.rope_freqs
+        freqs = self.rope_freqs[self.rope_pairs]   # (Hkv, d / 2)
+        freqs = freqs.repeat_interleave(x.size(1) // self.n_kv_head, 0)   # (H, d / 2) for q
+        angle = positions[:, None] * freqs[:, None]   # (H, T, d / 2)
         cos = angle.cos()
         sin = angle.sin()
         even = x[..., 0::2].float()
@@ -415,7 +397,7 @@ class CausalSelfAttention(nn.Module):
 
     def shift(self, k, v, last_k=None, last_v=None):
         """KV shifting: k^_t = now * k_t + prev * k_{t-1} per head (values alike); k_{-1} is
-        last_k, the raw key before k, or 0 at the start."""
+        last_k or 0."""
         def before(x, last):
             first = torch.zeros_like(x[:, :, :1]) if last is None else last
             return torch.cat([first, x[:, :, :-1]], dim=2)
@@ -424,9 +406,8 @@ class CausalSelfAttention(nn.Module):
         return k, v
 
     def far_keys_values(self, k, v, latents):
-        """Every token as seen beyond the window, at full width (None: no far tier). Slice: the
-        first rk / rv coordinates of k, v, zero-padded. Latent: the layer's key and value
-        projections of far_up(latents), shifted as k and v are."""
+        """Every token as seen beyond the window (None: no far tier). Slice: k[:rk], v[:rv],
+        zero-padded; latent: the key and value projections of far_up(latents), shifted."""
         if self.far_mode == "slice":
             if not self.has_far:   # nothing kept: a sliding window
                 return None, None
@@ -473,9 +454,8 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
     def decode(self, q, k, v, latents, cache):
-        """One token attends to all the cache holds, itself included: one softmax, no masks.
-        The ring's first m slots hold the last m tokens, the oldest in slot `start`; each
-        key/value head sees its g query heads as g queries."""
+        """One token attends to all the cache holds, itself included: no masks. The ring's
+        first m slots hold the last m tokens, the oldest in slot `start`; q: (B, Hkv, g, d)."""
         cache.append(k, v, latents)
         T = cache.length
         W = cache.window
@@ -494,8 +474,8 @@ class CausalSelfAttention(nn.Module):
         return y.view(B, self.n_head, 1, -1)
 
     def decode_slice(self, q, local_k, local_v, start, cache):
-        """Every token's kept coordinates plus the window's others, as (B * Hkv, ., .) bmm
-        (a 4-d matmul's reshapes cost more than its arithmetic here)."""
+        """Every token's kept coordinates plus the window's others, by bmm (a 4-d matmul's
+        reshapes cost more than its arithmetic here)."""
         T = cache.length
         m = local_k.size(2)
         rk = self.far_k_dim
@@ -509,9 +489,9 @@ class CausalSelfAttention(nn.Module):
         return torch.cat([far_y, local_y], dim=-1)
 
     def decode_latent(self, q, local_k, local_v, cache):
-        """No far key is rebuilt. Head h's far key is W_K far_up c + b_K (c the latent; W_K,
-        b_K its rows of c_attn), so q . far_k = (q W_K far_up) . c + q . b_K, and the weighted
-        far values are W_V far_up (sum_j a_j c_j) + (sum_j a_j) b_V. q: (B, Hkv, g, d)."""
+        """No far key is rebuilt: with far_k = W_K far_up c + b_K (c the latent), q . far_k =
+        (q W_K far_up) . c + q . b_K; the far values' sum is W_V far_up sum_j a_j c_j + b_V
+        sum_j a_j."""
         if cache.maps is None:   # per kv head W_K far_up, W_V far_up (Hkv, d, r): once a fill
             (_, w_k, w_v), biases = self.head_weights()
             key_bias = None if biases is None else biases[1][:, None]    # (Hkv, 1, d)
@@ -547,8 +527,7 @@ def norm(config):
 
 
 class MLP(nn.Module):
-    """GPT-2's GELU MLP, or Llama's SwiGLU: silu(gate) * up, with gate and up the two halves
-    of c_fc's output."""
+    """GPT-2's GELU MLP, or Llama's SwiGLU: silu(gate) * up, the halves of c_fc's output."""
 
     def __init__(self, config):
         super().__init__()
@@ -624,8 +603,7 @@ class GPT(nn.Module):
         return KVCache(self.config, batch_size)
 
     def forward(self, idx, targets=None, cache=None):
-        """Without a cache: nanoGPT's forward. With a cache: append idx after what the cache
-        holds and return the logits of the last position."""
+        """nanoGPT's forward; with a cache, idx follows what it holds (last logits only)."""
         B, T = idx.size()
         start = 0 if cache is None else cache.length
         if start + T > self.config.block_size:
@@ -649,10 +627,9 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True,
                         cache=None, num_samples=1):
-        """Yield (B * num_samples, 1) tokens one at a time, continuing each row b of idx (B, T)
-        in rows b * num_samples, ...; use_cache=False recomputes the context (nanoGPT). The
-        cache prefills a prompt once, copied to its samples; a full context keeps its last
-        block_size // 2 tokens and is prefilled again."""
+        """Yield (B * num_samples, 1) tokens, row b of idx (B, T) continued in rows b *
+        num_samples, ...; use_cache=False recomputes the context (nanoGPT). A prompt is
+        prefilled once for its samples; a full cache is refilled with the last block_size // 2."""
         if temperature <= 0:
             raise ValueError(f"temperature={temperature} must be > 0 (use top_k=1 for greedy)")
         block_size = self.config.block_size
@@ -696,11 +673,11 @@ class GPT(nn.Module):
 #
 # Slice: per key/value head, W_K = U S V^T; W_Q <- U^T W_Q (every query head reading it)
 # and W_K <- U^T W_K leave q . k as it was (U is orthogonal) but order the key coordinates
-# by energy: the first far_k_dim are the best truncation the weights allow. Values alike by
-# W_V's SVD, c_proj absorbing U_v. With a calibration batch, U is the principal axes (PCA
-# about the origin) of the keys and values on it, biases included. kv_shift commutes with
-# this. Latent: far_up = A, far_down = A^T for the top r axes A of the attention input (PCA,
-# or the top right singular vectors of the key and value weights): the best rank-r view.
+# by energy. Values alike, c_proj absorbing U_v. With calibration tokens U is the principal
+# axes (PCA about the origin) of the keys and values on them. Rope: a rotation would not
+# commute with RoPE's, but a permutation of whole pairs does, each taking its frequency
+# along (rope_pairs). Latent: far_up = A, far_down = A^T for the top r axes A of the
+# attention input (PCA, or the top right singular vectors of the key and value weights).
 
 def principal_axes(moment):
     """Orthogonal matrices whose columns are eigenvectors, largest eigenvalue first."""
@@ -708,13 +685,15 @@ def principal_axes(moment):
 
 
 @torch.no_grad()
-def input_moments(model, idx):
-    """Per layer, the second moment M (C + 1, C + 1) of the attention input with a 1 appended:
-    for a projection [W, b] of it, E[y y^T] = [W, b] M [W, b]^T."""
-    moments = []
+def calibrate(model, idx):
+    """Per layer: the second moment M (C + 1, C + 1) of the attention input with a 1 appended
+    (for [W, b] of it, E[y y^T] = [W, b] M [W, b]^T), and the mean norm of each coordinate
+    pair of c_attn's output (rotary pairs: RoPE keeps their norms)."""
+    stats = []
     def record(module, inputs, output):
         x = F.pad(inputs[0].double().flatten(0, 1), (0, 1), value=1.0)
-        moments.append(x.T @ x / x.size(0))
+        pairs = output.double().flatten(0, 1).unflatten(-1, (-1, 2))
+        stats.append((x.T @ x / x.size(0), pairs.norm(dim=-1).mean(0)))
     hooks = [b.attn.c_attn.register_forward_hook(record) for b in model.transformer.h]
     was_training = model.training
     model.eval()   # no dropout in what is measured
@@ -722,12 +701,12 @@ def input_moments(model, idx):
     model.train(was_training)
     for hook in hooks:
         hook.remove()
-    return moments
+    return stats
 
 
 def key_value_axes(weights, biases, moment):
-    """Per key/value head, axes (Hkv, d, d) of its keys and of its values: the weights'
-    left singular vectors, or the principal axes of [W, b] M [W, b]^T (calibration)."""
+    """Axes (Hkv, d, d) of the keys and of the values: the weights' left singular vectors,
+    or the principal axes of [W, b] M [W, b]^T (calibration)."""
     axes = []
     for i in (1, 2):
         w = weights[i].double()
@@ -741,11 +720,30 @@ def key_value_axes(weights, biases, moment):
     return axes
 
 
+def pair_order(attn, pairs, pair_norms):
+    """Per key/value head, its pairs in the order a far key keeps them (Hkv, d / 2): "high" /
+    "low" frequencies first, or "score": MHA2MLA's (arXiv 2502.14837), mean |q pair| * mean
+    |k pair| summed over the query heads reading the key."""
+    if pairs != "score":
+        freqs = attn.rope_freqs[attn.rope_pairs]
+        return freqs.argsort(dim=-1, descending=pairs == "high", stable=True)
+    if pair_norms is None:
+        raise ValueError("pairs='score' needs calibration tokens")
+    q_norms, k_norms, _ = pair_norms.split([n // 2 for n in attn.qkv_sizes])
+    q_norms = q_norms.view(attn.n_kv_head, -1, attn.head_dim // 2)   # (Hkv, g, d / 2)
+    score = (q_norms * k_norms.view(attn.n_kv_head, 1, -1)).sum(1)
+    return score.argsort(dim=-1, descending=True, stable=True)
+
+
 @torch.no_grad()
-def rotate_heads(attn, moment):
-    """Rotate one layer's key and value spaces in place (slice conversion)."""
+def rotate_heads(attn, moment, key_order=None):
+    """Rotate one layer's values and keys (rope: key pairs into key_order), in place."""
     weights, biases = attn.head_weights()   # views: writing them writes c_attn
     U_k, U_v = key_value_axes(weights, biases, moment)
+    if attn.rope:   # U_k^T moves pair o = key_order[h, i] (2o, 2o + 1) to 2i, 2i + 1
+        rows = torch.stack([2 * key_order, 2 * key_order + 1], dim=-1).flatten(1)
+        U_k = torch.eye(attn.head_dim, dtype=U_v.dtype, device=U_v.device)[rows].mT
+        attn.rope_pairs.copy_(attn.rope_pairs.gather(1, key_order))
     group = attn.n_head // attn.n_kv_head   # query heads per key/value head
     rotations = (U_k.repeat_interleave(group, 0), U_k, U_v)   # q by its key head's U_k
     for i, U in enumerate(rotations):
@@ -759,23 +757,26 @@ def rotate_heads(attn, moment):
 
 @torch.no_grad()
 def convert(model, window, far_k_dim=None, far_v_dim=None, calibration=None, far_mode="slice",
-            far_latent_dim=None):
-    """A copy of a full-dimension model set to the new tiers: rotated per head (slice) or
-    given a bottleneck (latent); by PCA on calibration token ids (B, T) if given."""
-    if not model.config.is_full or model.config.rope:   # rope: rotations would not commute
-        raise ValueError("convert expects a full-dimension model (far dims = head_dim), no rope")
+            far_latent_dim=None, pairs="score"):
+    """A copy of a full model in the new tiers, rotated (slice) or given a bottleneck (latent),
+    by PCA on calibration token ids (B, T) if given; rope: its pairs ordered by `pairs`."""
+    if not model.config.is_full:
+        raise ValueError("convert expects a full-dimension model (far dims = head_dim)")
+    if pairs not in ("score", "high", "low") or pairs != "score" and not model.config.rope:
+        raise ValueError(f"pairs={pairs!r}: 'score', 'high' or 'low', for a rope model")
     config = replace(model.config, window=window, far_k_dim=far_k_dim, far_v_dim=far_v_dim,
                      far_mode=far_mode, far_latent_dim=far_latent_dim)
     param = next(model.parameters())
     new = GPT(config).to(device=param.device, dtype=param.dtype)
     new.load_state_dict(model.state_dict(), strict=far_mode == "slice")   # latent: + far maps
-    moments = [None] * config.n_layer
+    stats = [(None, None)] * config.n_layer
     if calibration is not None:
-        moments = input_moments(model, calibration)
-    for block, M in zip(new.transformer.h, moments):
+        stats = calibrate(model, calibration)
+    for block, (M, pair_norms) in zip(new.transformer.h, stats):
         attn = block.attn
         if far_mode == "slice":
-            rotate_heads(attn, M)
+            key_order = pair_order(attn, pairs, pair_norms) if config.rope else None
+            rotate_heads(attn, M, key_order)
             continue
         if M is None:   # the top right singular vectors of the key and value weights
             key_value_rows = attn.c_attn.weight[attn.n_embd:].double()

@@ -3,6 +3,7 @@ attention straight from the formula in README.md, a functional GPT forward that 
 nanoGPT-named state dict, the uncached forward for the cache, the original model for a
 conversion."""
 
+import io
 import math
 
 import pytest
@@ -48,14 +49,15 @@ def slice_attention(q, k, v, window, far_k_dim, far_v_dim, block=None):
 
 
 def naive_rotate(x, freqs):
-    """RoPE written out: at position t, coordinates (2i, 2i + 1) of x (B, H, T, d) turned by
-    the angle t * freqs[i]."""
+    """RoPE written out: at position t, coordinates (2i, 2i + 1) of head h of x (B, H, T, d)
+    turned by the angle t * freqs[h][i]."""
     out = torch.empty_like(x)
     for t in range(x.size(2)):
-        for i, f in enumerate(freqs):
-            c, s = math.cos(t * f), math.sin(t * f)
-            out[:, :, t, 2 * i] = x[:, :, t, 2 * i] * c - x[:, :, t, 2 * i + 1] * s
-            out[:, :, t, 2 * i + 1] = x[:, :, t, 2 * i] * s + x[:, :, t, 2 * i + 1] * c
+        for h in range(x.size(1)):
+            for i, f in enumerate(freqs[h]):
+                c, s = math.cos(t * f), math.sin(t * f)
+                out[:, h, t, 2 * i] = x[:, h, t, 2 * i] * c - x[:, h, t, 2 * i + 1] * s
+                out[:, h, t, 2 * i + 1] = x[:, h, t, 2 * i] * s + x[:, h, t, 2 * i + 1] * c
     return out
 
 
@@ -93,9 +95,10 @@ def naive_shift(x, now, prev):
     return out
 
 
-def nanogpt_state_dict(cfg, std=0.3, seed=0):
+def nanogpt_state_dict(cfg, std=0.3, seed=0, shuffled_pairs=False):
     """Random weights under nanoGPT's parameter names and shapes (large enough that
-    attention is peaked, so a wrong mask shows)."""
+    attention is peaked, so a wrong mask shows); rope: each key/value head's order of
+    rotary pairs, the identity or (shuffled_pairs) a random one."""
     g = torch.Generator().manual_seed(seed)
     C, V = cfg.n_embd, cfg.vocab_size
     kv = cfg.n_kv_head * cfg.head_dim   # grouped-query attention: fewer key/value rows
@@ -117,6 +120,10 @@ def nanogpt_state_dict(cfg, std=0.3, seed=0):
         if "ln_" in k and k.endswith(".weight"):
             sd[k] = 1 + sd[k]
     sd["lm_head.weight"] = sd["transformer.wte.weight"] if cfg.tie_embeddings else torch.randn(V, C, generator=g) * std
+    for l in range(cfg.n_layer) if cfg.rope else []:
+        pairs = [torch.randperm(cfg.head_dim // 2, generator=g) if shuffled_pairs else
+                 torch.arange(cfg.head_dim // 2) for _ in range(cfg.n_kv_head)]
+        sd[f"transformer.h.{l}.attn.rope_pairs"] = torch.stack(pairs)
     for l in range(cfg.n_layer) if cfg.far_mode == "latent" else []:
         r, p = cfg.far_latent_dim, f"transformer.h.{l}.attn."
         sd[p + "far_down.weight"] = torch.randn(r, C, generator=g) / math.sqrt(C)
@@ -158,8 +165,10 @@ def naive_gpt(sd, cfg, idx):
         if cfg.kv_shift:
             k = naive_shift(k, sd[p + "attn.k_shift_now"], sd[p + "attn.k_shift_prev"])
             v = naive_shift(v, sd[p + "attn.v_shift_now"], sd[p + "attn.v_shift_prev"])
-        if cfg.rope:   # after the shift
-            q, k = naive_rotate(q, rope_frequencies(cfg)), naive_rotate(k, rope_frequencies(cfg))
+        if cfg.rope:   # after the shift; pair slot i of kv head h turns as pair rope_pairs[h, i]
+            table = rope_frequencies(cfg)
+            freqs = [[table[j] for j in order] for order in sd[p + "attn.rope_pairs"].tolist()]
+            q, k = naive_rotate(q, [freqs[h // group] for h in range(H)]), naive_rotate(k, freqs)
         if cfg.far_mode == "latent":
             x_far = x_in @ sd[p + "attn.far_down.weight"].T @ sd[p + "attn.far_up.weight"].T
             _, far_k, far_v = (heads(t) for t in lin(x_far, "attn.c_attn").split([C, kv, kv], 2))
@@ -175,11 +184,11 @@ def naive_gpt(sd, cfg, idx):
     return x @ sd["lm_head.weight"].T
 
 
-def make_model(seed=0, **kw):
-    """A tiny GPT with nanoGPT-named random weights (+ random KV-shift mixes)."""
+def make_model(seed=0, shuffled_pairs=False, **kw):
+    """A tiny GPT with nanoGPT-named random weights (+ random KV-shift mixes, rope pairs)."""
     kw = {**dict(block_size=32, vocab_size=13, n_layer=2, n_head=2, n_embd=16), **kw}
     cfg = dar.GPTConfig(**kw)
-    sd = nanogpt_state_dict(cfg, seed=seed)
+    sd = nanogpt_state_dict(cfg, seed=seed, shuffled_pairs=shuffled_pairs)
     if cfg.kv_shift:
         g = torch.Generator().manual_seed(seed + 1)
         for l in range(cfg.n_layer):
@@ -291,7 +300,8 @@ FAMILY = dict(n_head=4, n_embd=32, n_kv_head=2, norm="rmsnorm", mlp="swiglu", ml
 def test_modern_family_matches_naive_gpt(regime, rope, n_kv_head, kv_shift):
     tiers = dict(far_mode="latent", window=3, far_latent_dim=6) if regime == "latent" else dict(
         zip(("window", "far_k_dim", "far_v_dim"), REGIMES[regime]))
-    model, sd = make_model(**{**FAMILY, "n_kv_head": n_kv_head}, **tiers, kv_shift=kv_shift, rope=rope)
+    model, sd = make_model(**{**FAMILY, "n_kv_head": n_kv_head}, **tiers, kv_shift=kv_shift, rope=rope,
+                           shuffled_pairs=rope)   # each kv head its own order of rotary pairs
     assert model.lm_head.weight is not model.transformer.wte.weight
     idx = torch.randint(0, 13, (2, 11), generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(model(idx, targets=idx)[0], naive_gpt(sd, model.config, idx), atol=1e-4, rtol=1e-4)
@@ -464,7 +474,7 @@ def test_cache_matches_uncached_on_random_schedules(seed):
     rng = random.Random(seed)
     for case in range(30):
         kw, B, schedule = random_case(rng)
-        model, _ = make_model(seed=case, **kw)
+        model, _ = make_model(seed=case, shuffled_pairs=case % 2 == 1, **kw)
         cfg = model.config
         idx = torch.randint(0, 13, (B, sum(schedule)), generator=torch.Generator().manual_seed(case))
         want = model(idx, targets=idx)[0]   # causal: position t's logits see tokens <= t only
@@ -879,8 +889,83 @@ def test_invalid_rope_settings_raise(kw, field):
         dar.GPTConfig(**kw)
 
 
-def test_convert_refuses_a_rope_model():
-    """An orthogonal rotation of the key space does not commute with the rotary embedding."""
-    model, _ = make_model(window=32, rope=True)
-    with pytest.raises(ValueError, match="rope"):
-        dar.convert(model, 3, 2, 2)
+def naive_pair_scores(model, idx):
+    """MHA2MLA's score written out, per layer (Hkv, d / 2): for each key/value head and
+    rotary pair i, the sum over the query heads reading it of mean_t |q_t pair i| times
+    mean_t |k_t pair i|, from c_attn's outputs on idx."""
+    cfg = model.config
+    d, group = cfg.head_dim, cfg.n_head // cfg.n_kv_head
+    outputs = []
+    hooks = [b.attn.c_attn.register_forward_hook(lambda m, i, out: outputs.append(out)) for b in model.transformer.h]
+    model(idx)
+    for hook in hooks:
+        hook.remove()
+    scores = []
+    for out in outputs:
+        q, k, _ = out.double().flatten(0, 1).split([cfg.n_embd, cfg.n_kv_head * d, cfg.n_kv_head * d], -1)
+        norm = lambda x, head, i: x[:, head * d + 2 * i:head * d + 2 * i + 2].norm(dim=-1).mean().item()
+        scores.append(torch.tensor([[sum(norm(q, h, i) for h in range(kv * group, (kv + 1) * group)) * norm(k, kv, i)
+                                     for i in range(d // 2)] for kv in range(cfg.n_kv_head)]))
+    return scores
+
+
+ROPE_CONVERT = [(n_kv_head, kv_shift, bias) for n_kv_head in (4, 2) for kv_shift in (False, True) for bias in (False, True)]
+
+
+@pytest.mark.parametrize("pairs", ["score", "high", "low"])
+@pytest.mark.parametrize("n_kv_head, kv_shift, bias", ROPE_CONVERT)
+def test_rope_convert_by_whole_pairs_is_exact_at_full_dims(pairs, n_kv_head, kv_shift, bias):
+    """Ours (n_kv_head = n_head) and grouped-query: queries and keys permuted by whole pairs
+    with their frequencies, values rotated; logits unchanged; the order survives a save."""
+    model, _ = make_model(n_head=4, n_embd=64, n_kv_head=n_kv_head, window=32, kv_shift=kv_shift, bias=bias,
+                          rope=True, rope_base=100.0, shuffled_pairs=True)   # 8 pairs a head
+    calibration = torch.randint(0, 13, (4, 32), generator=torch.Generator().manual_seed(12))
+    converted = dar.convert(model, window=3, far_k_dim=16, far_v_dim=16, calibration=calibration, pairs=pairs)
+    before = model.transformer.h[0].attn.rope_pairs
+    after = converted.transformer.h[0].attn.rope_pairs
+    assert not torch.equal(before, after) and torch.equal(after.sort(-1)[0], before.sort(-1)[0])
+    idx = torch.randint(0, 13, (2, 32), generator=torch.Generator().manual_seed(13))
+    want = model(idx, targets=idx)[0]
+    torch.testing.assert_close(converted(idx, targets=idx)[0], want, atol=1e-4, rtol=1e-4)
+    buffer = io.BytesIO()
+    torch.save(converted.state_dict(), buffer)
+    loaded = dar.GPT(converted.config).eval()
+    loaded.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
+    assert torch.equal(loaded.transformer.h[1].attn.rope_pairs, converted.transformer.h[1].attn.rope_pairs)
+    torch.testing.assert_close(loaded(idx, targets=idx)[0], want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+def test_rope_convert_puts_first_the_pairs_its_order_ranks_first(n_kv_head):
+    """A far key's first far_k_dim / 2 pairs: the best by the score written out here, or the
+    highest / lowest frequencies; the converted model is the oracle's with that order, and
+    its cache matches its uncached forward."""
+    model, _ = make_model(n_head=4, n_embd=32, n_kv_head=n_kv_head, window=32, rope=True, rope_base=100.0,
+                          shuffled_pairs=True)
+    calibration = torch.randint(0, 13, (4, 32), generator=torch.Generator().manual_seed(12))
+    table = torch.tensor(rope_frequencies(model.config))
+    wanted = {"score": naive_pair_scores(model, calibration)}
+    for l, block in enumerate(model.transformer.h):
+        wanted.setdefault("high", []).append(table[block.attn.rope_pairs])
+        wanted.setdefault("low", []).append(-table[block.attn.rope_pairs])
+    for pairs, values in wanted.items():
+        converted = dar.convert(model, window=3, far_k_dim=4, far_v_dim=2, calibration=calibration, pairs=pairs)
+        for block, original, value in zip(converted.transformer.h, model.transformer.h, values):
+            best = value.argsort(dim=-1, descending=True)[:, :2]   # 2 pairs: far_k_dim 4
+            kept = block.attn.rope_pairs[:, :2]
+            assert torch.equal(kept.sort(-1)[0], original.attn.rope_pairs.gather(1, best).sort(-1)[0]), pairs
+        idx = torch.randint(0, 13, (2, 11), generator=torch.Generator().manual_seed(4))
+        torch.testing.assert_close(converted(idx, targets=idx)[0], naive_gpt(converted.state_dict(), converted.config, idx),
+                                   atol=1e-4, rtol=1e-4)
+        assert_cache_matches_uncached(converted, 5)
+
+
+@pytest.mark.parametrize("rope, kw, message", [
+    (True, dict(pairs="score"), "calibration"),
+    (True, dict(pairs="middle", calibration=torch.zeros(1, 4, dtype=torch.long)), "pairs"),
+    (False, dict(pairs="low"), "rope"),
+])
+def test_convert_refuses_a_pair_order_it_cannot_follow(rope, kw, message):
+    model, _ = make_model(window=32, rope=rope)
+    with pytest.raises(ValueError, match=message):
+        dar.convert(model, 3, 2, 2, **kw)
