@@ -878,14 +878,6 @@ RECALL_QUICK = dict(block_size=64, window=8, max_iters=600, eval_interval=200, t
 
 # ----------------------------------------------------------------------------------------
 
-def shakespeare_val_ids(tokenizer):
-    """Shakespeare's validation split (the last 10%, as data/prepare.py splits it) in
-    SmolLM2's tokens."""
-    from data.prepare import DATA_DIR, fetch_shakespeare
-    text = fetch_shakespeare(os.path.join(DATA_DIR, "cache"))
-    return tokenizer.encode(text[int(len(text) * 0.9):])
-
-
 @torch.no_grad()
 def perplexity(model, ids, context, max_windows, ctx):
     """exp(mean loss) over consecutive windows of `context` + 1 tokens, every token of each
@@ -913,7 +905,7 @@ def bench_pretrained(args):
     block_size = max(args.contexts + args.lengths) + args.warmup + args.steps
     model = smollm2.from_gguf(block_size=block_size, device=device)
     cfg = model.config
-    ids = shakespeare_val_ids(smollm2.GGUFTokenizer())
+    ids = smollm2.shakespeare_ids(smollm2.GGUFTokenizer(), "val")
     rows, results = [], {"perplexity": {}, "decode": [], "prefill": []}
     for T in args.contexts:
         t0 = time.time()

@@ -215,15 +215,30 @@ def prompt_from(prompt, tokenizer, chat=False):
     return ids
 
 
+TIER_FLAGS = ("window", "far_k_dim", "far_v_dim", "pairs")   # smollm2: converted on load
+
+
 def load_model(args, device):
     """The model and tokenizer --init_from names: a checkpoint of ours, or SmolLM2's GGUF."""
+    tiers = [name for name in TIER_FLAGS if getattr(args, name) is not None]
     if args.init_from == "smollm2":
         if args.block_size is not None and args.block_size < 1:
             raise ValueError(f"--block_size {args.block_size}: must be >= 1")
+        if tiers and args.window is None:
+            raise ValueError(f"--{tiers[0]} sets a DAR tier: it needs --window")
         model = smollm2.from_gguf(block_size=args.block_size or 2048, device=device)
-        return model, Tokenizer.build("smollm2")
-    if args.block_size is not None:   # a checkpoint's context is its own
-        raise ValueError("--block_size applies to --init_from smollm2 only")
+        tokenizer = Tokenizer.build("smollm2")
+        if args.window is not None:   # made DAR on load, training-free
+            model = smollm2.to_dar(model, tokenizer.gguf, args.window, args.far_k_dim, args.far_v_dim,
+                                   args.pairs or "score")
+            c = model.config
+            print(f"converted to DAR: window {c.window}, far keys {c.far_k_dim} (rotary pairs by "
+                  f"{args.pairs or 'score'}), far values {c.far_v_dim}", file=sys.stderr)
+        return model, tokenizer
+    if args.block_size is not None or tiers:   # a checkpoint's context and tiers are its own
+        flag = "--block_size" if args.block_size is not None else f"--{tiers[0]}"
+        raise ValueError(f"{flag} applies to --init_from smollm2 only (a checkpoint keeps its own; "
+                         "convert one with train.py --init_from convert)")
     path = args.ckpt or os.path.join(args.out_dir, "ckpt_best.pt")
     if not args.ckpt and not os.path.exists(path):
         path = os.path.join(args.out_dir, "ckpt_last.pt")
@@ -242,6 +257,16 @@ def main(argv=None):
     p.add_argument("--ckpt", help="a checkpoint file (default: OUT_DIR/ckpt_best.pt, else OUT_DIR/ckpt_last.pt)")
     p.add_argument("--block_size", type=int, help="smollm2: the longest context it holds, which the cache is "
                    "allocated for (its training context: 8192) (default: 2048)")
+    p.add_argument("--window", type=int, help="smollm2: convert it to DAR on load, training-free (calibrated on "
+                   "Shakespeare's train split): tokens at distance < window keep full keys and values (default: "
+                   "none, full attention)")
+    p.add_argument("--far_k_dim", type=int, help="smollm2 with --window: key coordinates (whole rotary pairs) "
+                   "a distant token keeps (default: head_dim / 4 = 16)")
+    p.add_argument("--far_v_dim", type=int, help="smollm2 with --window: value coordinates a distant token keeps "
+                   "(default: head_dim / 4 = 16)")
+    p.add_argument("--pairs", choices=["score", "high", "low"], help="smollm2 with --window: which rotary pairs "
+                   "far keys keep: by MHA2MLA's score on the calibration text, the highest or the lowest "
+                   "frequencies (default: score)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template (one user "
                    "message, then the assistant's turn) and stop at the end of its turn (smollm2)")
     p.add_argument("--out_dir", default="out", help="the training run's output folder " + d)

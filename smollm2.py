@@ -125,12 +125,37 @@ def from_gguf(path=None, block_size=2048, dtype=torch.float32, device="cpu", dro
         state[name] = torch.from_numpy(weight).to(dtype)
     if config.tie_embeddings:
         state["lm_head.weight"] = state["transformer.wte.weight"]
+    for i in range(config.n_layer):   # rope's pairs in the file's order, every head
+        pairs = torch.arange(config.head_dim // 2).repeat(config.n_kv_head, 1)
+        state[f"transformer.h.{i}.attn.rope_pairs"] = pairs
     model.load_state_dict(state, assign=True)   # (strict: every parameter is given)
     if config.tie_embeddings:
         model.lm_head.weight = model.transformer.wte.weight
     for block in model.transformer.h:   # the one buffer not in the file: rope's frequencies
         block.attn.rope_freqs = dar.rope_frequencies(config)
     return model.to(device).eval()
+
+
+def shakespeare_ids(tokenizer, split, tokens=None):
+    """Shakespeare's train or val split (data/prepare.py's 90% / 10%) in this tokenizer's
+    ids; the train split's first `tokens` only if given (encoding a prefix of the text)."""
+    from data.prepare import DATA_DIR, fetch_shakespeare
+    text = fetch_shakespeare(os.path.join(DATA_DIR, "cache"))
+    cut = int(len(text) * 0.9)
+    if split == "val":
+        return tokenizer.encode(text[cut:])
+    ids = tokenizer.encode(text[:min(cut, 16 * tokens)] if tokens else text[:cut])
+    return ids[:tokens]
+
+
+def to_dar(model, tokenizer, window, far_k_dim=None, far_v_dim=None, pairs="score", tokens=1024):
+    """SmolLM2 made DAR without training: dar.convert, calibrated (its values' principal
+    axes, its rotary pairs' score) on the first `tokens` tokens of Shakespeare's train
+    split (never the validation split the benchmarks score)."""
+    ids = shakespeare_ids(tokenizer, "train", min(tokens, model.config.block_size))
+    device = next(model.parameters()).device
+    calibration = torch.tensor([ids], device=device)
+    return dar.convert(model, window, far_k_dim, far_v_dim, calibration, pairs=pairs).eval()
 
 
 # ----------------------------------------------------------------------------------------

@@ -499,6 +499,18 @@ def test_resume_and_convert_refuse_model_flags_they_cannot_honour(corpus, traine
     assert r.returncode == 0, r.stderr
     settings = torch.load(tmp_path / "converted" / "ckpt_last.pt", weights_only=True)["train_config"]
     assert (settings["rope"], settings["n_layer"], settings["window"]) == (False, 1, 8)
+    fails_cleanly(call(train.main, "--dataset", dataset, "--init_from", "convert", "--convert_from", source, *TINY,
+                       "--pairs", "low", "--out_dir", str(tmp_path / "c2")), "--pairs orders rotary pairs")
+    call(train.main, "--dataset", dataset, "--out_dir", str(tmp_path / "rope"), "--max_iters", "2",
+         "--eval_interval", "2", *TINY, *full, "--rope")
+    rope_source = str(tmp_path / "rope" / "ckpt_last.pt")
+    convert = ["--dataset", dataset, "--init_from", "convert", "--convert_from", rope_source, *TINY, "--rope",
+               "--max_iters", "0"]
+    fails_cleanly(call(train.main, *convert, "--out_dir", str(tmp_path / "c3")), "pairs='score' needs calibration")
+    r = call(train.main, *convert, "--calibration_seqs", "4", "--out_dir", str(tmp_path / "rope_dar"))
+    assert r.returncode == 0, r.stderr   # a rope model converted by whole pairs; the order is saved
+    pairs = torch.load(tmp_path / "rope_dar" / "ckpt_last.pt", weights_only=True)["model"]["transformer.h.0.attn.rope_pairs"]
+    assert sorted(pairs[0].tolist()) == list(range(4)) and pairs.tolist() != [list(range(4))] * 2
 
 
 def damage(path, out, entry_name, offset, change):

@@ -128,6 +128,55 @@ def test_tiny_gguf_loads_as_transformers_reads_it(tiny):
     torch.testing.assert_close(torch.cat(got, 1), want[:, 16:], atol=1e-4, rtol=1e-4)
 
 
+@needs_oracle
+@pytest.mark.parametrize("pairs", ["score", "high", "low"])
+def test_tiny_gguf_made_dar_is_exact_at_full_dims_and_cached(tiny, pairs):
+    """to_dar of a rotary GQA model from a GGUF, calibrated on Shakespeare's train split:
+    at full dimensions transformers' logits unchanged (whole pairs moved with their
+    frequencies); with 1 of 4 pairs and 2 of 8 value coordinates far, cached = uncached."""
+    model = smollm2.from_gguf(tiny, block_size=64)
+    tokenizer = smollm2.GGUFTokenizer(tiny)
+    idx = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = transformers_llama(tiny)(idx).logits
+        exact = smollm2.to_dar(model, tokenizer, 4, 8, 8, pairs)
+        torch.testing.assert_close(exact(idx, targets=idx)[0], want, atol=1e-4, rtol=1e-4)
+        small = smollm2.to_dar(model, tokenizer, 4, 2, 2, pairs)
+        assert (small.config.window, small.config.far_k_dim, small.config.far_v_dim) == (4, 2, 2)
+        moved = not torch.equal(small.transformer.h[0].attn.rope_pairs, model.transformer.h[0].attn.rope_pairs)
+        assert moved == (pairs != "high")   # the file's order is the highest frequencies first
+        full = small(idx, targets=idx)[0]
+        assert (full - want).abs().max() > 1e-2   # the far tier dropped something
+        cache = small.new_cache(2)
+        got = [small(idx[:, :9], cache=cache)[0]] + [small(idx[:, t:t + 1], cache=cache)[0] for t in range(9, 40)]
+    torch.testing.assert_close(torch.cat(got, 1), full[:, 8:], atol=1e-4, rtol=1e-4)
+
+
+@needs_gguf
+def test_sample_converts_smollm2_on_load_and_reports_its_bytes(tiny, monkeypatch):
+    """sample.py --init_from smollm2 --window ...: converted, two-tier cache held against a
+    full one; greedy cached output equals the recomputed (--no_cache) one."""
+    import sample
+    from data import prepare
+    monkeypatch.setattr(smollm2, "gguf_path", lambda: tiny)
+    prepare.smollm2_tokenizer.cache_clear()
+    common = ["--init_from", "smollm2", "--block_size", "48", "--window", "4", "--far_k_dim", "2", "--far_v_dim",
+              "2", "--prompt", "the theatre", "--max_new_tokens", "40", "--top_k", "1", "--device", "cpu"]
+    try:
+        cached = call(sample.main, *common)
+        uncached = call(sample.main, *common, "--no_cache")
+        fails_cleanly(call(sample.main, "--init_from", "smollm2", "--far_k_dim", "2"), "--far_k_dim sets a DAR tier")
+        fails_cleanly(call(sample.main, "--window", "8"), "--window applies to --init_from smollm2 only")
+    finally:
+        prepare.smollm2_tokenizer.cache_clear()
+    assert cached.returncode == 0, cached.stderr
+    assert "converted to DAR: window 4, far keys 2 (rotary pairs by score), far values 2" in cached.stderr
+    T = int(cached.stderr.split("kv cache at ")[1].split(" tokens")[0])
+    held = float(cached.stderr.split("for a full cache: ")[1].split("x")[0])
+    assert abs(held - (4 * 16 + (T - 4) * 4) / (T * 16)) < 1e-3, cached.stderr   # the formula
+    assert cached.stdout == uncached.stdout and len(cached.stdout) > len("the theatre")
+
+
 @needs_gguf
 def test_the_loader_refuses_what_it_cannot_read(tmp_path):
     with pytest.raises(ValueError, match="holds a 'gpt2' model; this loader reads 'llama'"):
@@ -228,8 +277,13 @@ def test_fine_tune_smollm2_resumes_and_refuses_what_it_cannot_honour(tmp_path):
     assert r.returncode == 0 and "n_layer 30, n_head 9" in r.stdout, r.stderr
     r = call(train.main, "--init_from", "resume", "--max_iters", "1", "--out_dir", str(tmp_path / "out"))
     assert r.returncode == 0 and "from iter 0" in r.stdout, r.stderr
-    fails_cleanly(call(train.main, "--init_from", "smollm2", *common, "--window", "16", "--overwrite"),
-                  "--window: --init_from smollm2 keeps the file's architecture in full attention")
+    fails_cleanly(call(train.main, "--init_from", "smollm2", *common, "--far_k_dim", "16", "--overwrite"),
+                  "--far_k_dim: --init_from smollm2 is full attention unless --window makes it DAR")
+    fails_cleanly(call(train.main, "--init_from", "smollm2", *common, "--n_layer", "2", "--overwrite"),
+                  "--n_layer: --init_from smollm2 keeps the file's architecture")
+    r = call(train.main, "--init_from", "smollm2", "--max_iters", "0", *common, "--window", "16", "--overwrite",
+             "--out_dir", str(tmp_path / "dar"))
+    assert r.returncode == 0 and "window 16, far_k_dim 16, far_v_dim 16" in r.stdout, r.stdout + r.stderr
     char_data = tmp_path / "chars"
     call(__import__("data.prepare", fromlist=["main"]).main, "--input", str(text), "--data_dir", str(char_data))
     fails_cleanly(call(train.main, "--init_from", "smollm2", "--dataset", str(char_data / "text_char"),

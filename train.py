@@ -54,9 +54,12 @@ class TrainConfig:
     overwrite: bool = setting(False, "a new run (scratch, convert) may replace the checkpoints in OUT_DIR")
     init_from: Literal["scratch", "resume", "convert", "smollm2"] = setting(
         "scratch", "a new model; continue OUT_DIR/ckpt_last.pt; convert --convert_from to this DAR setting; or "
-        "fine-tune SmolLM2-135M (full attention; a dataset of --tokenizer smollm2)")
+        "fine-tune SmolLM2-135M (full attention, or DAR with --window; a dataset of --tokenizer smollm2)")
     convert_from: str = setting("", "convert: a full-dimension checkpoint, ours or nanoGPT's")
     calibration_seqs: int = setting(0, "convert: 0 rotates by the weights' SVD, N > 0 by PCA on N training sequences")
+    pairs: Literal["score", "high", "low"] = setting(
+        "score", "convert or smollm2, a rope model: the rotary pairs far keys keep: by MHA2MLA's score on the "
+        "calibration (convert: needs --calibration_seqs), or the highest or lowest frequencies")
     # model (resume keeps the checkpoint's, convert the source's architecture: both refuse a change)
     n_layer: int = setting(4, "transformer blocks")
     n_head: int = setting(4, "attention heads per block")
@@ -350,7 +353,9 @@ def build_model(cfg, given, data, tokenizer, device, resumed):
         if cfg.calibration_seqs > 0:
             sizes = dataclasses.replace(cfg, batch_size=cfg.calibration_seqs, block_size=full.config.block_size)
             calibration = get_batch(data, "train", sizes, np.random.default_rng([cfg.seed, 1 << 31]), device)[0]
-        return dar.convert(full, cfg.window, calibration=calibration, **far_settings(cfg)).train()
+        if "pairs" in given and not full.config.rope:
+            raise ValueError(f"--pairs orders rotary pairs: {cfg.convert_from} has no rope")
+        return dar.convert(full, cfg.window, calibration=calibration, pairs=cfg.pairs, **far_settings(cfg)).train()
     config = dar.GPTConfig(vocab_size=tokenizer.vocab_size, **far_settings(cfg), **{
         f: getattr(cfg, f) for f in ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "window",
                                      "kv_shift", "rope", "rope_wpe", "rope_base", "rope_prefix")})
@@ -358,20 +363,24 @@ def build_model(cfg, given, data, tokenizer, device, resumed):
 
 
 def pretrained_smollm2(cfg, given, tokenizer, device):
-    """SmolLM2-135M from its GGUF file, full attention over block_size tokens, with this
-    run's dropout. Its architecture is the file's; DAR tiers for a rotary model need a
-    conversion by rotary pairs, which is not built yet, so the tier flags are refused."""
+    """SmolLM2-135M from its GGUF file over block_size tokens, with this run's dropout: full
+    attention, or with --window converted to DAR (smollm2.to_dar: whole rotary pairs, by
+    --pairs, calibrated on Shakespeare's train split). Its architecture is the file's."""
     if tokenizer.meta["tokenizer"] != "smollm2":
         raise ValueError(f"--init_from smollm2 needs a dataset made with SmolLM2's tokenizer: "
                          f"python data/prepare.py --tokenizer smollm2 (got {tokenizer.meta['tokenizer']!r})")
-    tiers = [name for name in ("window", "far_mode", "far_k_dim", "far_v_dim", "far_latent_dim") if name in given]
-    keeps = [name for name in CONVERT_KEEPS if name != "block_size" and name in given]
-    if tiers or keeps:
-        raise ValueError(f"{' '.join('--' + n for n in tiers + keeps)}: --init_from smollm2 keeps the file's "
-                         "architecture in full attention (DAR tiers of a rotary model need a conversion by "
-                         "rotary pairs, not built yet)")
+    keeps = [name for name in CONVERT_KEEPS + ("far_mode", "far_latent_dim") if name != "block_size" and name in given]
+    if keeps:
+        raise ValueError(f"{' '.join('--' + n for n in keeps)}: --init_from smollm2 keeps the file's architecture "
+                         "(a rotary model's far tier is a slice of whole pairs)")
+    tiers = [name for name in ("far_k_dim", "far_v_dim", "pairs") if name in given]
+    if tiers and "window" not in given:
+        raise ValueError(f"--{tiers[0]}: --init_from smollm2 is full attention unless --window makes it DAR")
     model = smollm2.from_gguf(block_size=cfg.block_size, dropout=cfg.dropout, device=device)
-    for name in CONVERT_KEEPS + ("window",):   # the run's settings say what the model is
+    if "window" in given:
+        model = smollm2.to_dar(model, tokenizer.gguf, cfg.window, given.get("far_k_dim"), given.get("far_v_dim"),
+                               cfg.pairs)
+    for name in CONVERT_KEEPS + ("window", "far_k_dim", "far_v_dim"):   # the run's settings say what it is
         setattr(cfg, name, getattr(model.config, name))
     return model.train()
 
