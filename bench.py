@@ -82,7 +82,7 @@ def row_label(name, regime):
     else:
         label = f"{kind}, k {regime['far_k_dim']} + v {regime['far_v_dim']}"
     if regime.get("rope"):
-        prefix = "" if kind == "full" else f" ({regime.get('rope_prefix', 'high')} prefix)"
+        prefix = "" if kind == "full" else f" ({regime.get('rope_prefix', dar.GPTConfig.rope_prefix)} prefix)"
         label += f", rope{prefix}" + (" + wpe" if regime.get("rope_wpe") else "")
     return label
 
@@ -197,6 +197,8 @@ class StaticCache:
         self.k, self.v = (torch.zeros(shape, dtype=dtype, device=device) for _ in "kv")
         self.length = 0
         d = config.head_dim
+        if config.rope and config.rope_prefix != "high":
+            raise ValueError("the static peer turns rotary pairs in the usual order: rope_prefix='high'")
         self.freqs = config.rope_base ** -(torch.arange(0, d, 2, device=device).float() / d) if config.rope else None
 
     def reset(self):

@@ -44,7 +44,7 @@ class GPTConfig:
     rope: bool = False                 # rotary positions (queries, keys) instead of wpe
     rope_wpe: bool = False             # rope: keep wpe's learned positions as well
     rope_base: float = 10000.0
-    rope_prefix: str = "high"          # rope: a far key's first pairs (rope_frequencies)
+    rope_prefix: str = "low"           # rope: a far key's first pairs (rope_frequencies)
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -323,8 +323,8 @@ def mix(now, prev, x, before):
 
 def rope_frequencies(config):
     """Pair (2i, 2i + 1) turns by p * freqs[i] at position p; a far key keeps the first. From
-    scratch, rope_prefix puts first the highest frequencies (the usual order), the lowest, or
-    far_k_dim unrotated coordinates; convert orders a model's pairs per head (pair_order)."""
+    scratch, rope_prefix puts first the lowest frequencies (best on SmolLM2), the highest (the
+    usual order) or far_k_dim unrotated ones; convert orders pairs per head (pair_order)."""
     d = config.head_dim
     kept = config.far_k_dim if config.far_mode == "slice" else 0
     freqs = config.rope_base ** -torch.arange(0, d, 2).double().div(d)

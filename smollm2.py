@@ -75,6 +75,7 @@ def config_from(reader, block_size, dropout=0.0):
         norm="rmsnorm", norm_eps=field(reader, "llama.attention.layer_norm_rms_epsilon"),
         mlp="swiglu", mlp_hidden=field(reader, "llama.feed_forward_length"),
         tie_embeddings="output.weight" not in names, rope=True,
+        rope_prefix="high",   # the file's order of pairs: the highest frequencies first
         rope_base=field(reader, "llama.rope.freq_base"), window=block_size, dropout=dropout)
 
 

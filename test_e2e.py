@@ -631,7 +631,8 @@ def test_bench_speed_smoke(tmp_path):
     assert set(result["step_seconds"]) == set(names[:8]) and len(result["generate_seconds"]) == 2
 
 
-LLAMA_LIKE = dict(n_head=4, n_embd=32, n_kv_head=2, rope=True, norm="rmsnorm", mlp="swiglu", bias=False)
+LLAMA_LIKE = dict(n_head=4, n_embd=32, n_kv_head=2, rope=True, rope_prefix="high", norm="rmsnorm", mlp="swiglu",
+                  bias=False)   # (the static peer turns pairs in Llama's order)
 
 
 @pytest.mark.parametrize("family", [{}, LLAMA_LIKE], ids=["gpt2", "llama"])
@@ -646,6 +647,8 @@ def test_the_static_peer_of_bench_decode_matches_the_uncached_forward(family):
         got += [cache.forward(model, idx[:, t:t + 1]) for t in range(12, 24)]
         want = [model(idx[:, :t])[0] for t in [5, 12] + list(range(13, 25))]
     torch.testing.assert_close(torch.cat(got, 1), torch.cat(want, 1), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="usual order"):   # it turns pairs as Llama does, nothing else
+        bench.StaticCache(dar.GPTConfig(**{**kw, "rope": True, "rope_prefix": "low"}), 3, torch.float32, "cpu")
 
 
 def test_bench_decode_smoke_bytes_are_the_formula(tmp_path):

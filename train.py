@@ -78,7 +78,7 @@ class TrainConfig:
     rope_wpe: bool = setting(False, "rope: keep the learned position embeddings (wpe) as well")
     rope_base: float = setting(10000.0, "rope: the base of the rotary frequencies")
     rope_prefix: Literal["high", "low", "unrotated"] = setting(
-        "high", "rope: what a far key's first coordinates hold: high- or low-frequency pairs, or unrotated ones")
+        "low", "rope: what a far key's first coordinates hold: low- or high-frequency pairs, or unrotated ones")
     # optimisation
     batch_size: int = setting(12, "sequences per micro-step")
     gradient_accumulation_steps: int = setting(1, "micro-steps per iteration (DDP processes share them, or "
