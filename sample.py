@@ -138,7 +138,9 @@ def default_prompt_ids(tokenizer):
 def model_from_checkpoint(ckpt, device):
     try:
         model = dar.GPT(dar.GPTConfig(**ckpt["model_config"]))
-        model.load_state_dict(ckpt["model"])
+        # a rope checkpoint from before rope_pairs: every head's pairs in their first order
+        older = {k: v for k, v in model.state_dict().items() if k.endswith("rope_pairs")}
+        model.load_state_dict({**older, **ckpt["model"]})
     except (RuntimeError, KeyError, TypeError) as e:
         raise ValueError(f"checkpoint weights do not fit its model config ({' '.join(str(e).split())[:160]})")
     return model.to(device).eval()

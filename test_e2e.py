@@ -529,6 +529,16 @@ def flip_tensor_bytes(path, out):
     damage(path, out, lambda i: "/data/" in i.filename and i.file_size >= 64, 16, lambda old: bytes(b ^ 0xFF for b in old))
 
 
+def test_a_rope_checkpoint_from_before_pair_orders_loads_as_it_was():
+    import dataclasses
+    model = dar.GPT(dar.GPTConfig(vocab_size=11, block_size=16, n_layer=1, n_head=2, n_embd=16, rope=True,
+                                  window=4, far_k_dim=2, far_v_dim=2)).eval()
+    older = {k: v for k, v in model.state_dict().items() if "rope_pairs" not in k}
+    loaded = sample.model_from_checkpoint({"model_config": dataclasses.asdict(model.config), "model": older}, "cpu")
+    idx = torch.randint(0, 11, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(loaded(idx, targets=idx)[0], model(idx, targets=idx)[0])
+
+
 def test_a_corrupted_checkpoint_is_refused_in_one_line(trained, tmp_path):
     out, _ = trained
     good = os.path.join(out, "ckpt_last.pt")
