@@ -294,10 +294,44 @@ def test_fine_tune_smollm2_resumes_and_refuses_what_it_cannot_honour(tmp_path):
 def test_bench_pretrained_smoke(tmp_path, shakespeare_val):
     import json
     import bench
-    r = call(bench.main, "pretrained", "--contexts", "16", "--max_windows", "2", "--lengths", "24", "--steps", "1",
-             "--warmup", "1", "--prefill_repeats", "1", "--device", "cpu", "--out_dir", str(tmp_path))
+    rows = ["full", "dar score W64 k16 v16", "uniform k16 v16"]
+    r = call(bench.main, "pretrained", "--contexts", "128", "--tokens", "128", "--calibration", "128", "--only", *rows,
+             "--lengths", "24", "--steps", "1", "--warmup", "1", "--prefill_repeats", "1", "--device", "cpu",
+             "--out_dir", str(tmp_path))
     assert r.returncode == 0, r.stderr
     result = json.load(open(tmp_path / "pretrained.json"))
-    assert result["perplexity"]["16"]["tokens"] == 32 and 1 < result["perplexity"]["16"]["perplexity"] < 1000
-    assert result["perplexity"]["16"]["kv_mib"] == 30 * 2 * 3 * 64 * 16 * 4 / 2**20   # the formula: 3 kv heads
+    points = {p["name"]: p for p in result["perplexity"]}
+    assert list(points) == rows and all(p["tokens"] == 128 and p["T"] == 128 for p in points.values())
+    assert points["full"]["kv_mib"] == 30 * 2 * 3 * 64 * 128 * 4 / 2**20   # the formula: 3 kv heads
+    assert points["dar score W64 k16 v16"]["kv_ratio"] == (64 * 128 + 64 * 32) / (128 * 128)
+    assert points["uniform k16 v16"]["kv_ratio"] == 0.25
+    assert 1 < points["full"]["perplexity"] < points["uniform k16 v16"]["perplexity"]
     assert {(row["T"], row["regime"]) for row in result["decode"]} == {(24, "static"), (24, "dar full")}
+    fails_cleanly(call(bench.main, "pretrained", "--only", "dar W3"), "--only dar W3: not a row")
+
+
+@needs_gguf
+def test_bench_finetune_smoke(tiny, tmp_path, monkeypatch):
+    """bench.py finetune on the tiny GGUF: the control and DAR trained on the same batches,
+    their val perplexity before and after, per seed."""
+    import json
+    import bench
+    from data import prepare
+    monkeypatch.setattr(smollm2, "gguf_path", lambda: tiny)
+    prepare.smollm2_tokenizer.cache_clear()
+    try:
+        text = tmp_path / "text.txt"
+        text.write_text("the theatre and the 1 in 10, the aunt\n" * 300)
+        call(prepare.main, "--input", str(text), "--tokenizer", "smollm2", "--data_dir", str(tmp_path))
+        r = call(bench.main, "finetune", "--quick", "--dataset", str(tmp_path / "text_smollm2"), "--window", "4",
+                 "--far_k_dim", "2", "--far_v_dim", "2", "--block_size", "32", "--device", "cpu",
+                 "--out_dir", str(tmp_path / "bench"))
+    finally:
+        prepare.smollm2_tokenizer.cache_clear()
+    assert r.returncode == 0, r.stderr
+    result = json.load(open(tmp_path / "bench" / "finetune.json"))
+    full, dar_curve = result["curves"]["full"][0], result["curves"]["dar"][0]
+    assert [it for it, _ in full] == [it for it, _ in dar_curve] == [0, 1, 2]
+    assert dar_curve[0][1] != full[0][1]   # the conversion changed the model; the same batches scored
+    assert not list((tmp_path / "bench" / "finetune" / "dar_seed_1337").glob("ckpt_*.pt"))
+    fails_cleanly(call(bench.main, "finetune", "--window", "64", "--block_size", "64"), "DAR would be full attention")
