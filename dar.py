@@ -92,7 +92,7 @@ class GPTConfig:
             raise ValueError(f"far_k_dim={self.far_k_dim} and head_dim={self.head_dim} must be "
                              "even with rope")
         if self.far_mode == "latent" and not self.is_full:
-            raise ValueError("far_mode='latent' builds no far key to turn: no rope")
+            raise ValueError("far_mode='latent' builds no far key to turn (rope)")
 
     @property
     def head_dim(self):
@@ -118,7 +118,7 @@ class GPTConfig:
 #
 # score(i, j) = q_i . k_j / sqrt(d)       if 0 <= i - j < window   (local tier)
 #             = q_i . far_k_j / sqrt(d)   if i - j >= window       (far tier)
-# one softmax over both tiers; a far token contributes far_v_j, where:
+# one softmax over both tiers; a far token gives far_v_j, where:
 #   slice:  far_k_j = [k_j[:rk], 0, ..., 0], far_v_j = [v_j[:rv], 0, ..., 0]
 #   latent: far_k_j, far_v_j = the key and value projections of far_up(far_down(x_j))
 # Trick: give SDPA the keys and their far copies side by side, masked so that query i sees
@@ -138,18 +138,18 @@ def dar_attention(q, k, v, far_k, far_v, window, dropout_p=0.0, block=None):
             causal = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=causal, dropout_p=dropout_p,
                                               is_causal=n == m, enable_gqa=gqa)
-    block = block or max(2 * window, 64)   # measured fastest on CPU (bench.py decode)
+    block = block or max(2 * window, 64)   # fastest on CPU (bench.py decode)
     out = []
     for start in range(0, n, block):
         first = T - n + start                 # the block's first and last query positions
         last = min(T, first + block) - 1
         pos = torch.arange(first, last + 1, device=q.device)[:, None]
-        near = max(T - m, first - window + 1)   # the oldest key local to one of the block
+        near = max(T - m, first - window + 1)   # the oldest key local to any of them
         local = torch.arange(near, last + 1, device=q.device)
         mask = (local > pos - window) & (local <= pos)
         keys = k[:, :, near - T + m:last + 1 - T + m]
         values = v[:, :, near - T + m:last + 1 - T + m]
-        n_far = 0 if far_k is None else max(0, last - window + 1)   # keys far to one of them
+        n_far = 0 if far_k is None else max(0, last - window + 1)   # keys far to any of them
         if n_far:
             far = torch.arange(n_far, device=q.device) <= pos - window
             mask = torch.cat([mask, far], dim=1)
@@ -216,7 +216,7 @@ class LayerCache:
             self.far_v[:, :, L:L + n] = v[..., :rv]
         if self.latents is not None:
             self.latents[:, L:L + n] = latents
-        if W and n == 1:   # (a slice, not an index: fewer operations)
+        if W and n == 1:   # (a slice: fewer operations than an index)
             self.local_k[:, :, L % W:L % W + 1] = k[..., rk:]
             self.local_v[:, :, L % W:L % W + 1] = v[..., rv:]
         elif W:   # the chunk's last tokens: the others are beyond the window already
@@ -317,14 +317,14 @@ class KVCache:
 # the keys and values of n_kv_head heads; query head h reads key/value head h // group.
 
 def mix(now, prev, x, before):
-    """KV shifting's mix, per key/value head (dim 1): now * x + prev * before."""
-    return now.view(1, -1, 1, 1) * x + prev.view(1, -1, 1, 1) * before
+    """KV shifting's mix per key/value head (dim 1), in x's dtype (bf16 under autocast)."""
+    return (now.view(1, -1, 1, 1) * x + prev.view(1, -1, 1, 1) * before).type_as(x)
 
 
 def rope_frequencies(config):
-    """Pair (2i, 2i + 1) turns by p * freqs[i] at position p; a far key keeps the first. From
-    scratch, rope_prefix puts first the lowest frequencies (best on SmolLM2), the highest (the
-    usual order) or far_k_dim unrotated ones; convert orders pairs per head (pair_order)."""
+    """Pair (2i, 2i + 1) turns by p * freqs[i] at position p; a far key keeps the first: the
+    lowest frequencies (best on SmolLM2), the highest (the usual order) or far_k_dim unrotated
+    ones. convert orders a model's pairs per head (pair_order)."""
     d = config.head_dim
     kept = config.far_k_dim if config.far_mode == "slice" else 0
     freqs = config.rope_base ** -torch.arange(0, d, 2).double().div(d)
@@ -364,10 +364,19 @@ class CausalSelfAttention(nn.Module):
             self.v_shift_now = nn.Parameter(v_now)
             self.v_shift_prev = nn.Parameter(1 - v_now)
         self.rope = config.rope
+        self.config = config
         if self.rope:   # kv head h's pair slot i turns at rope_freqs[rope_pairs[h, i]] (saved)
             self.register_buffer("rope_freqs", rope_frequencies(config), persistent=False)
             pairs = torch.arange(self.head_dim // 2).repeat(self.n_kv_head, 1)
             self.register_buffer("rope_pairs", pairs)
+
+    def _apply(self, fn, *args):
+        """.to(bfloat16) casts float buffers: the frequencies are rebuilt in float32 (in bf16
+        the angle p * f is off by radians at p ~ 2000)."""
+        super()._apply(fn, *args)
+        if self.rope:
+            self.rope_freqs = rope_frequencies(self.config).to(self.rope_pairs.device)
+        return self
 
     def heads(self, t):   # (B, T, n * head_dim) -> (B, n, T, head_dim)
         return t.view(*t.shape[:2], -1, self.head_dim).transpose(1, 2)
@@ -382,8 +391,7 @@ class CausalSelfAttention(nn.Module):
         return weights, tuple(b.unflatten(0, (-1, d)) for b in biases)
 
     def rotate(self, x, start):
-        """RoPE: x (B, H, T, d) at positions start, start + 1, ... turned pair by pair, each
-        head's pairs at its key/value head's frequencies."""
+        """RoPE: x (B, H, T, d) at positions start, start + 1, ... turned pair by pair."""
         positions = torch.arange(start, start + x.size(2), device=x.device).float()
         freqs = self.rope_freqs[self.rope_pairs]   # (Hkv, d / 2)
         freqs = freqs.repeat_interleave(x.size(1) // self.n_kv_head, 0)   # (H, d / 2) for q
@@ -628,8 +636,7 @@ class GPT(nn.Module):
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True,
                         cache=None, num_samples=1):
         """Yield (B * num_samples, 1) tokens, row b of idx (B, T) continued in rows b *
-        num_samples, ...; use_cache=False recomputes the context (nanoGPT). A prompt is
-        prefilled once for its samples; a full cache is refilled with the last block_size // 2."""
+        num_samples, ...; use_cache=False: nanoGPT's loop. A full cache keeps its last half."""
         if temperature <= 0:
             raise ValueError(f"temperature={temperature} must be > 0 (use top_k=1 for greedy)")
         block_size = self.config.block_size
@@ -674,10 +681,9 @@ class GPT(nn.Module):
 # Slice: per key/value head, W_K = U S V^T; W_Q <- U^T W_Q (every query head reading it)
 # and W_K <- U^T W_K leave q . k as it was (U is orthogonal) but order the key coordinates
 # by energy. Values alike, c_proj absorbing U_v. With calibration tokens U is the principal
-# axes (PCA about the origin) of the keys and values on them. Rope: a rotation would not
-# commute with RoPE's, but a permutation of whole pairs does, each taking its frequency
-# along (rope_pairs). Latent: far_up = A, far_down = A^T for the top r axes A of the
-# attention input (PCA, or the top right singular vectors of the key and value weights).
+# axes of the keys and values on them. Rope: a rotation would not commute with RoPE, but a
+# permutation of whole pairs does, with their frequencies (rope_pairs). Latent: far_up = A,
+# far_down = A^T, A the top r axes of the attention input (PCA, or the key/value weights').
 
 def principal_axes(moment):
     """Orthogonal matrices whose columns are eigenvectors, largest eigenvalue first."""
@@ -686,9 +692,8 @@ def principal_axes(moment):
 
 @torch.no_grad()
 def calibrate(model, idx):
-    """Per layer: the second moment M (C + 1, C + 1) of the attention input with a 1 appended
-    (for [W, b] of it, E[y y^T] = [W, b] M [W, b]^T), and the mean norm of each coordinate
-    pair of c_attn's output (rotary pairs: RoPE keeps their norms)."""
+    """Per layer: the moment M (C + 1, C + 1) of the attention input with a 1 appended (E[y
+    y^T] = [W, b] M [W, b]^T), and the mean norm of each pair of c_attn's output coordinates."""
     stats = []
     def record(module, inputs, output):
         x = F.pad(inputs[0].double().flatten(0, 1), (0, 1), value=1.0)
@@ -721,9 +726,8 @@ def key_value_axes(weights, biases, moment):
 
 
 def pair_order(attn, pairs, pair_norms):
-    """Per key/value head, its pairs in the order a far key keeps them (Hkv, d / 2): "high" /
-    "low" frequencies first, or "score": MHA2MLA's (arXiv 2502.14837), mean |q pair| * mean
-    |k pair| summed over the query heads reading the key."""
+    """Per key/value head, the order a far key keeps its pairs (Hkv, d / 2): by frequency, or
+    MHA2MLA's score (arXiv 2502.14837): mean |q pair| * mean |k pair|, summed over a group."""
     if pairs != "score":
         freqs = attn.rope_freqs[attn.rope_pairs]
         return freqs.argsort(dim=-1, descending=pairs == "high", stable=True)
@@ -737,7 +741,7 @@ def pair_order(attn, pairs, pair_norms):
 
 @torch.no_grad()
 def rotate_heads(attn, moment, key_order=None):
-    """Rotate one layer's values and keys (rope: key pairs into key_order), in place."""
+    """Rotate a layer's values and keys (rope: key pairs into key_order), in place."""
     weights, biases = attn.head_weights()   # views: writing them writes c_attn
     U_k, U_v = key_value_axes(weights, biases, moment)
     if attn.rope:   # U_k^T moves pair o = key_order[h, i] (2o, 2o + 1) to 2i, 2i + 1

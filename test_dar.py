@@ -969,3 +969,194 @@ def test_convert_refuses_a_pair_order_it_cannot_follow(rope, kw, message):
     model, _ = make_model(window=32, rope=rope)
     with pytest.raises(ValueError, match=message):
         dar.convert(model, 3, 2, 2, **kw)
+
+# ----------------------------------------------------------------------------------------
+# What the GPU path and the sampling knobs do, checked on CPU
+
+LOW_PRECISION_TIERS = {"slice": dict(window=3, far_k_dim=2, far_v_dim=4, kv_shift=True),
+                       "latent": dict(window=3, far_mode="latent", far_latent_dim=6, kv_shift=True),
+                       "rope": dict(window=3, far_k_dim=2, far_v_dim=4, rope=True, rope_base=100.0)}
+
+
+def cached_logits(model, idx, prompt_len):
+    """A prompt of prompt_len tokens, then one token at a time: the logits of each step."""
+    cache = model.new_cache(idx.size(0))
+    got = [model(idx[:, :prompt_len], cache=cache)[0]]
+    got += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(prompt_len, idx.size(1))]
+    return torch.cat(got, dim=1), cache
+
+
+@pytest.mark.parametrize("name", list(LOW_PRECISION_TIERS))
+def test_a_bfloat16_model_trains_and_caches_in_bfloat16(name):
+    """train.py and sample.py run bf16 on a GPU: the model in bfloat16 takes AdamW steps,
+    its cache is allocated in bfloat16 (2 bytes an element) and matches its uncached
+    forward, and both stay near the float32 model's logits."""
+    model, _ = make_model(**LOW_PRECISION_TIERS[name])
+    idx = torch.randint(0, 13, (2, 12), generator=torch.Generator().manual_seed(3))
+    want32 = model(idx, targets=idx)[0]
+    half = make_model(**LOW_PRECISION_TIERS[name])[0].to(torch.bfloat16)
+    uncached = half(idx, targets=idx)[0]
+    assert uncached.dtype == torch.bfloat16
+    torch.testing.assert_close(uncached.float(), want32, atol=0.15, rtol=0.05)
+    got, cache = cached_logits(half, idx, 5)
+    torch.testing.assert_close(got.float(), uncached[:, 4:].float(), atol=0.1, rtol=0.05)
+    assert all(t.dtype == torch.bfloat16 for layer in cache.layers for t in vars(layer).values() if torch.is_tensor(t))
+    float_cache = cached_logits(model, idx, 5)[1]
+    assert cache.nbytes * 2 == float_cache.nbytes and cache.full_nbytes * 2 == float_cache.full_nbytes
+    half.train()
+    optimizer = torch.optim.AdamW(half.parameters(), lr=3e-2)
+    losses = []
+    for _ in range(4):
+        loss = half(idx, targets=idx)[1]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("name", list(LOW_PRECISION_TIERS))
+def test_bfloat16_autocast_over_a_float32_model_caches_what_it_computes(name):
+    """train.py's CUDA default: float32 weights under bf16 autocast. The cache takes the
+    dtype of the keys autocast makes, and cached = uncached under the same autocast."""
+    model, _ = make_model(**LOW_PRECISION_TIERS[name])
+    idx = torch.randint(0, 13, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        uncached = model(idx, targets=idx)[0]
+        got, cache = cached_logits(model, idx, 5)
+        out = model.generate(idx[:, :4], 6, top_k=1)
+    assert cache.layers[0].local_k.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), uncached[:, 4:].float(), atol=0.1, rtol=0.05)
+    assert out.shape == (2, 10)
+
+
+@pytest.mark.parametrize("name", list(LOW_PRECISION_TIERS))
+def test_eval_mode_turns_every_dropout_off(name):
+    """estimate_loss runs in eval(): with dropout 0.5 the logits are those of the same
+    weights with dropout 0, call after call; in train() they are not."""
+    noisy, sd = make_model(**LOW_PRECISION_TIERS[name], dropout=0.5)
+    quiet = dar.GPT(dar.GPTConfig(**{**vars(noisy.config), "dropout": 0.0})).eval()
+    quiet.load_state_dict(noisy.state_dict())
+    idx = torch.randint(0, 13, (2, 12), generator=torch.Generator().manual_seed(3))
+    want = quiet(idx, targets=idx)[0]
+    for _ in range(2):
+        assert torch.equal(noisy(idx, targets=idx)[0], want)
+    assert torch.equal(cached_logits(noisy, idx, 5)[0], cached_logits(quiet, idx, 5)[0])
+    noisy.train()
+    assert not torch.allclose(noisy(idx, targets=idx)[0], want)
+
+
+@pytest.mark.parametrize("temperature, top_k", [(0.5, None), (2.0, None), (1.5, 3), (0.7, 100), (1.0, 1)])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_sampling_draws_from_softmax_of_logits_over_temperature(temperature, top_k, use_cache):
+    """20,000 first tokens against softmax(logits / temperature) over the top_k likeliest,
+    computed here (top_k above the vocabulary: all of it; 1: the argmax only)."""
+    model, _ = make_model(window=3, far_k_dim=2, far_v_dim=2)
+    prompt = torch.randint(0, 13, (1, 6), generator=torch.Generator().manual_seed(5))
+    logits = model(prompt)[0][0, -1].double()
+    kept = logits >= logits.topk(min(top_k or 13, 13)).values[-1]
+    want = torch.softmax(torch.where(kept, logits / temperature, -math.inf), dim=-1)
+    n = 20000
+    torch.manual_seed(0)
+    drawn = model.generate(prompt, 1, temperature=temperature, top_k=top_k, use_cache=use_cache, num_samples=n)
+    got = torch.bincount(drawn[:, -1], minlength=13).double() / n
+    assert (got[~kept] == 0).all()
+    assert (got - want).abs().max() < 4 * math.sqrt(0.25 / n), (got, want)
+    assert (want - torch.softmax(logits, -1)).abs().max() > 0.02   # the knobs change the distribution
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_a_prompt_longer_than_block_size_keeps_its_last_tokens(use_cache):
+    """Greedy continuation of a 40-token prompt with block_size 16 is that of its last 16
+    tokens, in each path, and the first token is the same in both (not that of its first)."""
+    model, _ = make_model(block_size=16, window=3, far_k_dim=2, far_v_dim=2, kv_shift=True)
+    prompt = torch.randint(0, 13, (8, 40), generator=torch.Generator().manual_seed(6))
+    out = model.generate(prompt, 12, top_k=1, use_cache=use_cache)
+    last = model.generate(prompt[:, -16:], 12, top_k=1, use_cache=use_cache)
+    assert torch.equal(out[:, 40:], last[:, 16:]) and torch.equal(out[:, :40], prompt)
+    first = model.generate(prompt[:, :16], 1, top_k=1, use_cache=use_cache)
+    assert not torch.equal(first[:, 16], last[:, 16])   # (which end is kept shows at once)
+    other = model.generate(prompt, 1, top_k=1, use_cache=not use_cache)
+    assert torch.equal(out[:, 40], other[:, 40])
+
+
+@pytest.mark.parametrize("name", ["slice", "latent"])
+def test_a_cache_refilled_after_the_weights_change_equals_a_fresh_one(name):
+    """One cache, filled, then the weights change (a training step between two samples),
+    reset and filled again: what it serves is a new cache's (nothing derived is stale)."""
+    model, _ = make_model(**LOW_PRECISION_TIERS[name])
+    idx = torch.randint(0, 13, (2, 12), generator=torch.Generator().manual_seed(3))
+    cache = model.new_cache(2)
+    model(idx[:, :5], cache=cache)
+    for t in range(5, 12):
+        model(idx[:, t:t + 1], cache=cache)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    cache.reset()
+    got = [model(idx[:, :5], cache=cache)[0]] + [model(idx[:, t:t + 1], cache=cache)[0] for t in range(5, 12)]
+    torch.testing.assert_close(torch.cat(got, 1), cached_logits(model, idx, 5)[0], atol=1e-5, rtol=1e-5)
+    torch.manual_seed(0)
+    reused = model.generate(idx[:, :4], 6)   # a new cache
+    torch.manual_seed(0)
+    stream = torch.cat([idx[:, :4], *model.generate_stream(idx[:, :4], 6, cache=cache)], dim=1)
+    assert torch.equal(stream, reused)
+
+
+def test_pca_conversion_with_biases_is_the_pca_written_here():
+    """Keys and values with their biases, on the calibration tokens: after conversion their
+    second moment per key/value head is diagonal, the eigenvalues of the original's moment
+    (E[k k^T], bias included) in decreasing order; that holds for no other rotation."""
+    model, _ = make_model(**{**FAMILY, "bias": True, "norm": "layernorm"}, window=32, far_k_dim=8, far_v_dim=8)
+    calibration = torch.randint(0, 13, (4, 32), generator=torch.Generator().manual_seed(12))
+    converted = dar.convert(model, 3, 8, 8, calibration=calibration)   # full dims: the same inputs
+    def moments(m):   # per layer: (keys, values) second moments (Hkv, d, d) from c_attn's outputs
+        outs = []
+        hooks = [b.attn.c_attn.register_forward_hook(lambda mod, i, out: outs.append(out.double())) for b in m.transformer.h]
+        m(calibration)
+        for h in hooks:
+            h.remove()
+        C, kv, d = m.config.n_embd, m.config.n_kv_head * m.config.head_dim, m.config.head_dim
+        result = []
+        for out in outs:
+            _, k, v = out.flatten(0, 1).split([C, kv, kv], -1)
+            result.append([torch.einsum("nhi,nhj->hij", x.view(-1, kv // d, d), x.view(-1, kv // d, d)) / x.size(0)
+                           for x in (k, v)])
+        return result
+    for before, after in zip(moments(model), moments(converted)):
+        for M, M_new in zip(before, after):
+            eigenvalues = torch.linalg.eigvalsh(M).flip(-1)   # decreasing
+            torch.testing.assert_close(M_new, torch.diag_embed(eigenvalues), atol=1e-6 * M.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("name", ["slice", "latent", "rope", "full"])
+def test_a_compiled_training_step_computes_the_eager_one(name):
+    """torch.compile's graph capture and AOTAutograd's backward (the aot_eager backend: no
+    C++ build; train.py --compile's inductor build runs in test_e2e) give eager's loss and
+    gradients for DAR slice, latent, rope and full attention."""
+    tiers = LOW_PRECISION_TIERS.get(name, dict(window=32))
+    model, _ = make_model(**tiers, dropout=0.0)
+    model.train()
+    idx = torch.randint(0, 13, (2, 32), generator=torch.Generator().manual_seed(3))
+    def step(m):
+        model.zero_grad()
+        loss = m(idx, targets=idx)[1]
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+    want_loss, want_grads = step(model)
+    got_loss, got_grads = step(torch.compile(model, backend="aot_eager", fullgraph=False))
+    torch.testing.assert_close(got_loss, want_loss, atol=1e-5, rtol=1e-5)
+    for got, want in zip(got_grads, want_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_rope_model_cast_to_bfloat16_turns_far_positions_as_float32_does():
+    """model.to(bfloat16) must not round rope's frequencies: at position 3000 a bf16
+    frequency is off by radians. The turned vectors match float32's within bf16 rounding."""
+    cfg = dar.GPTConfig(block_size=4096, vocab_size=13, n_layer=1, n_head=2, n_embd=64, window=4096, rope=True)
+    attn32 = dar.GPT(cfg).transformer.h[0].attn
+    attn16 = dar.GPT(cfg).to(torch.bfloat16).transformer.h[0].attn
+    x = torch.randn(1, 2, 4, 32, generator=torch.Generator().manual_seed(0))
+    want = attn32.rotate(x, 3000)
+    got = attn16.rotate(x.bfloat16(), 3000).float()
+    torch.testing.assert_close(got, want, atol=0.05, rtol=0.02)
