@@ -1062,6 +1062,90 @@ def plot_finetune(curves, seeds, args, path):
     plt.close(fig)
 
 
+GPU_QUICK = dict(max_iters=2, decode_lengths=[16], n_embd=16)
+
+
+def bench_gpu(args):
+    """The CUDA path in one table (about 6 minutes on one GPU; `--device cpu --quick` tries
+    it out here): cached = uncached in bfloat16 for each regime family; train.py's CUDA
+    defaults (bf16 autocast) for --max_iters iterations with and without --compile (ms an
+    iteration, peak memory, losses); decode and time to first token against the static
+    peer (bench.py decode, batch 1 and 8)."""
+    if args.quick:
+        for name, value in GPU_QUICK.items():
+            setattr(args, name, value)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: bench.py gpu needs a CUDA device (--device cpu --quick tries it out without one)")
+    rows = [["cached = uncached, bfloat16", regime, f"max |logit diff| {diff:.3g}", "ok" if diff < 0.1 else "FAIL"]
+            for regime, diff in cached_vs_uncached_bf16(args.device, args.n_embd).items()]
+    for compiled in (False, True):
+        rows.append(gpu_training_row(args, compiled))
+    decode = ["decode", "--device", args.device, "--batch_sizes", "1", "8", "--lengths", *map(str, args.decode_lengths),
+              "--prefill_lengths", str(max(args.decode_lengths)), "--steps", "10", "--warmup", "3", "--prefill_repeats",
+              "3", "--sample_repeats", "1", "--sample_tokens", "8", "--sample_prompt", "8", "--kv_heads", "0",
+              "--out_dir", os.path.join(args.out_dir, "gpu")]
+    main(decode)
+    with open(os.path.join(args.out_dir, "gpu", "decode.json")) as f:
+        measured = json.load(f)
+    for r in measured["rows"]:
+        if r["regime"] in ("full", "dar", "sliding"):
+            rows.append([f"decode step, B {r['B']}, T {r['T']}", r["regime"], f"{r['ms_per_step']:.2f} ms",
+                         f"{r['vs_static']:.2f}x static"])
+    for r in measured["prefill"]:
+        if r["regime"] in ("full", "dar"):
+            rows.append([f"time to first token, T {r['T']}", r["regime"], f"{r['ms']:.1f} ms", f"{r['vs_static']:.2f}x static"])
+    name = torch.cuda.get_device_name() if args.device == "cuda" else args.device
+    report(args, "gpu", [f"device: {name}, torch {torch.__version__}\n\n" + markdown(["check", "case", "measured", ""], rows)],
+           {"rows": rows})
+
+
+@torch.no_grad()
+def cached_vs_uncached_bf16(device, n_embd):
+    """Per regime, a random bf16 model's logits decoded with the cache against its uncached
+    forward, on the device."""
+    families = {"dar": sliced(8, 4, 4), "latent": latent(8, 8), "rope": {**sliced(8, 4, 4), "rope": True},
+                "gqa": {**sliced(8, 4, 4), "n_kv_head": 2}, "kv_shift": {**sliced(8, 4, 4), "kv_shift": True}}
+    diffs = {}
+    for regime, tiers in families.items():
+        torch.manual_seed(0)
+        model = dar.GPT(dar.GPTConfig(vocab_size=65, block_size=64, n_layer=2, n_head=2, n_embd=n_embd,
+                                      **tiers)).to(device=device, dtype=torch.bfloat16).eval()
+        idx = torch.randint(65, (2, 48), device=device)
+        want = model(idx, targets=idx)[0][:, 15:].float()
+        cache = model.new_cache(2)
+        got = [model(idx[:, :16], cache=cache)[0]] + [model(idx[:, t:t + 1], cache=cache)[0] for t in range(16, 48)]
+        diffs[regime] = (torch.cat(got, 1).float() - want).abs().max().item()
+    return diffs
+
+
+def gpu_training_row(args, compiled):
+    """train.py with its CUDA defaults for --max_iters iterations: ms an iteration (the
+    median of its progress lines), peak memory, first and last losses."""
+    import contextlib
+    import io
+    out_dir = os.path.join(args.out_dir, "gpu", "compiled" if compiled else "eager")
+    flags = ["--dataset", args.dataset, "--device", args.device, "--max_iters", args.max_iters, "--eval_interval", args.max_iters, "--eval_iters",
+             "20", "--log_interval", max(1, args.max_iters // 10), "--sample_tokens", 0, "--out_dir", out_dir,
+             "--overwrite"] + (["--compile"] if compiled else [])
+    if args.quick:
+        flags += ["--n_layer", 1, "--n_head", 2, "--n_embd", 16, "--block_size", 32, "--batch_size", 2, "--eval_iters", 1]
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    printed = io.StringIO()
+    start = time.time()
+    with contextlib.redirect_stdout(printed):
+        train.main([str(f) for f in flags])
+    seconds = time.time() - start
+    lines = printed.getvalue().splitlines()
+    ms = [float(line.split(" ms/iter")[0].split()[-1]) for line in lines if " ms/iter" in line]
+    evals = [line for line in lines if line.startswith("eval ")]
+    peak = torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else float("nan")
+    label = "CUDA defaults" if args.device == "cuda" else "tiny (--quick)" if args.quick else "defaults"
+    return [f"train.py, {label}, bf16 on CUDA, {args.max_iters} iters", "compiled" if compiled else "eager",
+            f"{statistics.median(ms[1:] or ms or [float('nan')]):.1f} ms/iter, peak {peak:.0f} MiB, {seconds:.0f} s",
+            " -> ".join(e.split(", ")[1].split(" (")[0] for e in (evals[0], evals[-1]))]
+
+
 def pretrained_speed(args, model, dtype, device, ctx, results):
     """dar's full cache against the static peer on SmolLM2: one-token steps after a prompt
     of T tokens (interleaved, median), and the prefill of T tokens."""
@@ -1247,6 +1331,15 @@ def main(argv=None):
     finetune.add_argument("--quick", action="store_true", help=f"a tiny run, to try it out: {FINETUNE_QUICK}")
     for flag, default in (("device", "auto"), ("out_dir", "bench_out")):
         finetune.add_argument(f"--{flag}", default=default, help=f"{MEANING[flag]} {d}")
+    gpu = sub.add_parser("gpu", help=bench_gpu.__doc__)
+    gpu.add_argument("--device", default="cuda", help="the device checked " + d)
+    gpu.add_argument("--max_iters", type=int, default=300, help="training iterations of each train.py run " + d)
+    gpu.add_argument("--decode_lengths", type=int, nargs="+", default=[1024, 4096], help="decode contexts " + d)
+    gpu.add_argument("--n_embd", type=int, default=64, help="width of the cached = uncached models " + d)
+    gpu.add_argument("--dataset", default=train.DEFAULT_DATASET, help="train.py's dataset (prepared here if it "
+                     "is the default and missing: data/cache must hold the corpus where there is no network) " + d)
+    gpu.add_argument("--quick", action="store_true", help=f"tiny sizes, to try it out: {GPU_QUICK}")
+    gpu.add_argument("--out_dir", default="bench_out", help=f"{MEANING['out_dir']} {d}")
     args = p.parse_args(argv)
     if args.command in ("speed", "decode") and args.far_dim == 0:
         p.error("--far_dim must be > 0")   # quality: 0 means head_dim / 4; recall sets its own

@@ -1,6 +1,7 @@
 """End-to-end tests of data/prepare.py, train.py and sample.py, run as a user runs them:
 as subprocesses, on a small corpus written here, with tiny models on the CPU."""
 
+import argparse
 import importlib.util
 import io
 import json
@@ -455,6 +456,33 @@ def test_ddp_on_cpu_with_two_processes_computes_the_step_of_one(corpus, tmp_path
     assert ddp["iter_num"] == one["iter_num"] == 6
     for k in one["model"]:
         torch.testing.assert_close(ddp["model"][k], one["model"][k], rtol=1e-4, atol=1e-5)
+
+
+def test_train_with_compile_reaches_the_weights_of_eager_training(corpus, tmp_path):
+    """train.py --compile (inductor, built with this machine's C++ compiler) for 4
+    iterations ends where the same run without it ends, to float tolerance."""
+    _, _, dataset = corpus
+    common = ["--dataset", dataset, "--max_iters", "4", "--eval_interval", "4", "--eval_iters", "1",
+              *TINY, "--sample_tokens", "0"]
+    r = call(train.main, "--out_dir", str(tmp_path / "compiled"), "--compile", *common)
+    assert r.returncode == 0 and "eval 4: train loss" in r.stdout, r.stderr[-2000:]
+    call(train.main, "--out_dir", str(tmp_path / "eager"), *common)
+    compiled, eager = (torch.load(tmp_path / d / "ckpt_last.pt", weights_only=True) for d in ("compiled", "eager"))
+    for k in eager["model"]:
+        torch.testing.assert_close(compiled["model"][k], eager["model"][k], rtol=1e-4, atol=1e-5)
+
+
+def test_bench_gpu_smoke(corpus, tmp_path):
+    """bench.py gpu's parts on CPU (the whole command, with its inductor build, is `bench.py
+    gpu --device cpu --quick`, 30 s here): without CUDA it says so in one line; its cached =
+    uncached check in bfloat16 and its training row work and report what they measured."""
+    fails_cleanly(call(bench.main, "gpu"), "bench.py gpu needs a CUDA device")
+    diffs = bench.cached_vs_uncached_bf16("cpu", 16)
+    assert set(diffs) == {"dar", "latent", "rope", "gqa", "kv_shift"} and all(0 <= d < 0.1 for d in diffs.values())
+    _, _, dataset = corpus
+    args = argparse.Namespace(dataset=dataset, device="cpu", max_iters=2, quick=True, out_dir=str(tmp_path))
+    row = bench.gpu_training_row(args, compiled=False)
+    assert row[1] == "eager" and "ms/iter" in row[2] and row[3].startswith("val loss") and " -> val loss" in row[3]
 
 
 def test_ddp_refuses_an_iteration_it_cannot_share():
