@@ -262,30 +262,35 @@ def test_smollm2_says_paris_and_cached_decoding_is_uncached(model, tokenizer):
     assert tokenizer.decode_bytes(cached[0, idx.size(1):].tolist()).decode().startswith(" Paris")
 
 
-@needs_weights
-def test_fine_tune_smollm2_resumes_and_refuses_what_it_cannot_honour(tmp_path):
-    """(Sampling it, --chat and a first fine-tune run in the README's commands, in test_e2e.)"""
+@needs_gguf
+def test_fine_tune_smollm2_resumes_and_refuses_what_it_cannot_honour(tiny, tmp_path, monkeypatch):
+    """On the tiny GGUF in SmolLM2's place (the real model's first fine-tune runs in the
+    README's commands, in test_e2e; its DAR fine-tune in test_bench_finetune_smoke)."""
     import train
-    text = tmp_path / "text.txt"
-    text.write_text("To be, or not to be, that is the question:\n" * 200)
-    call(__import__("data.prepare", fromlist=["main"]).main, "--input", str(text), "--tokenizer", "smollm2",
-         "--data_dir", str(tmp_path))
-    data = str(tmp_path / "text_smollm2")
-    common = ["--dataset", data, "--block_size", "32", "--batch_size", "1", "--eval_iters", "1",
-              "--sample_tokens", "0", "--device", "cpu", "--out_dir", str(tmp_path / "out")]
-    r = call(train.main, "--init_from", "smollm2", "--max_iters", "0", *common)
-    assert r.returncode == 0 and "n_layer 30, n_head 9" in r.stdout, r.stderr
-    r = call(train.main, "--init_from", "resume", "--max_iters", "1", "--out_dir", str(tmp_path / "out"))
-    assert r.returncode == 0 and "from iter 0" in r.stdout, r.stderr
-    fails_cleanly(call(train.main, "--init_from", "smollm2", *common, "--far_k_dim", "16", "--overwrite"),
-                  "--far_k_dim: --init_from smollm2 is full attention unless --window makes it DAR")
-    fails_cleanly(call(train.main, "--init_from", "smollm2", *common, "--n_layer", "2", "--overwrite"),
-                  "--n_layer: --init_from smollm2 keeps the file's architecture")
-    # (train.py --init_from smollm2 --window: converted and fine-tuned in test_bench_finetune_smoke)
-    char_data = tmp_path / "chars"
-    call(__import__("data.prepare", fromlist=["main"]).main, "--input", str(text), "--data_dir", str(char_data))
-    fails_cleanly(call(train.main, "--init_from", "smollm2", "--dataset", str(char_data / "text_char"),
-                       "--out_dir", str(tmp_path / "o2")), "needs a dataset made with SmolLM2's tokenizer")
+    from data import prepare
+    monkeypatch.setattr(smollm2, "gguf_path", lambda: tiny)
+    prepare.smollm2_tokenizer.cache_clear()
+    try:
+        text = tmp_path / "text.txt"
+        text.write_text("To be, or not to be, that is the question:\n" * 200)
+        call(prepare.main, "--input", str(text), "--tokenizer", "smollm2", "--data_dir", str(tmp_path))
+        data = str(tmp_path / "text_smollm2")
+        common = ["--dataset", data, "--block_size", "32", "--batch_size", "1", "--eval_iters", "1",
+                  "--sample_tokens", "0", "--device", "cpu", "--out_dir", str(tmp_path / "out")]
+        r = call(train.main, "--init_from", "smollm2", "--max_iters", "0", *common)
+        assert r.returncode == 0 and "n_layer 2, n_head 4" in r.stdout, r.stderr
+        r = call(train.main, "--init_from", "resume", "--max_iters", "1", "--out_dir", str(tmp_path / "out"))
+        assert r.returncode == 0 and "from iter 0" in r.stdout, r.stderr
+        fails_cleanly(call(train.main, "--init_from", "smollm2", *common, "--far_k_dim", "16", "--overwrite"),
+                      "--far_k_dim: --init_from smollm2 is full attention unless --window makes it DAR")
+        fails_cleanly(call(train.main, "--init_from", "smollm2", *common, "--n_layer", "2", "--overwrite"),
+                      "--n_layer: --init_from smollm2 keeps the file's architecture")
+        char_data = tmp_path / "chars"
+        call(prepare.main, "--input", str(text), "--data_dir", str(char_data))
+        fails_cleanly(call(train.main, "--init_from", "smollm2", "--dataset", str(char_data / "text_char"),
+                           "--out_dir", str(tmp_path / "o2")), "needs a dataset made with SmolLM2's tokenizer")
+    finally:
+        prepare.smollm2_tokenizer.cache_clear()
 
 
 @needs_weights
