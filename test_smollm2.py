@@ -114,6 +114,26 @@ def tiny(tmp_path_factory):
     return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
 
 
+@pytest.fixture
+def tiny_as_smollm2(tiny, monkeypatch):
+    """The tiny GGUF where SmolLM2's file is looked for, its tokenizer too (data/prepare.py
+    keeps one: cleared before and after)."""
+    from data import prepare
+    monkeypatch.setattr(smollm2, "gguf_path", lambda: tiny)
+    prepare.smollm2_tokenizer.cache_clear()
+    yield tiny
+    prepare.smollm2_tokenizer.cache_clear()
+
+
+def tiny_dataset(folder, line, repeats):
+    """`line` * repeats prepared with the (tiny) SmolLM2 tokenizer: (dataset, text file)."""
+    from data import prepare
+    text = folder / "text.txt"
+    text.write_text(line * repeats)
+    call(prepare.main, "--input", str(text), "--tokenizer", "smollm2", "--data_dir", str(folder))
+    return str(folder / "text_smollm2"), text
+
+
 @needs_oracle
 def test_tiny_gguf_loads_as_transformers_reads_it(tiny):
     model = smollm2.from_gguf(tiny, block_size=64)
@@ -153,22 +173,16 @@ def test_tiny_gguf_made_dar_is_exact_at_full_dims_and_cached(tiny, pairs):
 
 
 @needs_gguf
-def test_sample_converts_smollm2_on_load_and_reports_its_bytes(tiny, monkeypatch):
+def test_sample_converts_smollm2_on_load_and_reports_its_bytes(tiny_as_smollm2):
     """sample.py --init_from smollm2 --window ...: converted, two-tier cache held against a
     full one; greedy cached output equals the recomputed (--no_cache) one."""
     import sample
-    from data import prepare
-    monkeypatch.setattr(smollm2, "gguf_path", lambda: tiny)
-    prepare.smollm2_tokenizer.cache_clear()
     common = ["--init_from", "smollm2", "--block_size", "48", "--window", "4", "--far_k_dim", "2", "--far_v_dim",
               "2", "--prompt", "the theatre", "--max_new_tokens", "40", "--top_k", "1", "--device", "cpu"]
-    try:
-        cached = call(sample.main, *common)
-        uncached = call(sample.main, *common, "--no_cache")
-        fails_cleanly(call(sample.main, "--init_from", "smollm2", "--far_k_dim", "2"), "--far_k_dim sets a DAR tier")
-        fails_cleanly(call(sample.main, "--window", "8"), "--window applies to --init_from smollm2 only")
-    finally:
-        prepare.smollm2_tokenizer.cache_clear()
+    cached = call(sample.main, *common)
+    uncached = call(sample.main, *common, "--no_cache")
+    fails_cleanly(call(sample.main, "--init_from", "smollm2", "--far_k_dim", "2"), "--far_k_dim sets a DAR tier")
+    fails_cleanly(call(sample.main, "--window", "8"), "--window applies to --init_from smollm2 only")
     assert cached.returncode == 0, cached.stderr
     assert "converted to DAR: window 4, far keys 2 (rotary pairs by score), far values 2" in cached.stderr
     T = int(cached.stderr.split("kv cache at ")[1].split(" tokens")[0])
@@ -263,34 +277,26 @@ def test_smollm2_says_paris_and_cached_decoding_is_uncached(model, tokenizer):
 
 
 @needs_gguf
-def test_fine_tune_smollm2_resumes_and_refuses_what_it_cannot_honour(tiny, tmp_path, monkeypatch):
+def test_fine_tune_smollm2_resumes_and_refuses_what_it_cannot_honour(tiny_as_smollm2, tmp_path):
     """On the tiny GGUF in SmolLM2's place (the real model's first fine-tune runs in the
     README's commands, in test_e2e; its DAR fine-tune in test_bench_finetune_smoke)."""
     import train
     from data import prepare
-    monkeypatch.setattr(smollm2, "gguf_path", lambda: tiny)
-    prepare.smollm2_tokenizer.cache_clear()
-    try:
-        text = tmp_path / "text.txt"
-        text.write_text("To be, or not to be, that is the question:\n" * 200)
-        call(prepare.main, "--input", str(text), "--tokenizer", "smollm2", "--data_dir", str(tmp_path))
-        data = str(tmp_path / "text_smollm2")
-        common = ["--dataset", data, "--block_size", "32", "--batch_size", "1", "--eval_iters", "1",
-                  "--sample_tokens", "0", "--device", "cpu", "--out_dir", str(tmp_path / "out")]
-        r = call(train.main, "--init_from", "smollm2", "--max_iters", "0", *common)
-        assert r.returncode == 0 and "n_layer 2, n_head 4" in r.stdout, r.stderr
-        r = call(train.main, "--init_from", "resume", "--max_iters", "1", "--out_dir", str(tmp_path / "out"))
-        assert r.returncode == 0 and "from iter 0" in r.stdout, r.stderr
-        fails_cleanly(call(train.main, "--init_from", "smollm2", *common, "--far_k_dim", "16", "--overwrite"),
-                      "--far_k_dim: --init_from smollm2 is full attention unless --window makes it DAR")
-        fails_cleanly(call(train.main, "--init_from", "smollm2", *common, "--n_layer", "2", "--overwrite"),
-                      "--n_layer: --init_from smollm2 keeps the file's architecture")
-        char_data = tmp_path / "chars"
-        call(prepare.main, "--input", str(text), "--data_dir", str(char_data))
-        fails_cleanly(call(train.main, "--init_from", "smollm2", "--dataset", str(char_data / "text_char"),
-                           "--out_dir", str(tmp_path / "o2")), "needs a dataset made with SmolLM2's tokenizer")
-    finally:
-        prepare.smollm2_tokenizer.cache_clear()
+    data, text = tiny_dataset(tmp_path, "To be, or not to be, that is the question:\n", 200)
+    common = ["--dataset", data, "--block_size", "32", "--batch_size", "1", "--eval_iters", "1",
+              "--sample_tokens", "0", "--device", "cpu", "--out_dir", str(tmp_path / "out")]
+    r = call(train.main, "--init_from", "smollm2", "--max_iters", "0", *common)
+    assert r.returncode == 0 and "n_layer 2, n_head 4" in r.stdout, r.stderr
+    r = call(train.main, "--init_from", "resume", "--max_iters", "1", "--out_dir", str(tmp_path / "out"))
+    assert r.returncode == 0 and "from iter 0" in r.stdout, r.stderr
+    fails_cleanly(call(train.main, "--init_from", "smollm2", *common, "--far_k_dim", "16", "--overwrite"),
+                  "--far_k_dim: --init_from smollm2 is full attention unless --window makes it DAR")
+    fails_cleanly(call(train.main, "--init_from", "smollm2", *common, "--n_layer", "2", "--overwrite"),
+                  "--n_layer: --init_from smollm2 keeps the file's architecture")
+    char_data = tmp_path / "chars"
+    call(prepare.main, "--input", str(text), "--data_dir", str(char_data))
+    fails_cleanly(call(train.main, "--init_from", "smollm2", "--dataset", str(char_data / "text_char"),
+                       "--out_dir", str(tmp_path / "o2")), "needs a dataset made with SmolLM2's tokenizer")
 
 
 @needs_weights
@@ -313,23 +319,14 @@ def test_bench_pretrained_smoke(tmp_path, shakespeare_val):
 
 
 @needs_gguf
-def test_bench_finetune_smoke(tiny, tmp_path, monkeypatch):
+def test_bench_finetune_smoke(tiny_as_smollm2, tmp_path):
     """bench.py finetune on the tiny GGUF: the control and DAR trained on the same batches,
     their val perplexity before and after, per seed."""
     import json
     import bench
-    from data import prepare
-    monkeypatch.setattr(smollm2, "gguf_path", lambda: tiny)
-    prepare.smollm2_tokenizer.cache_clear()
-    try:
-        text = tmp_path / "text.txt"
-        text.write_text("the theatre and the 1 in 10, the aunt\n" * 300)
-        call(prepare.main, "--input", str(text), "--tokenizer", "smollm2", "--data_dir", str(tmp_path))
-        r = call(bench.main, "finetune", "--quick", "--dataset", str(tmp_path / "text_smollm2"), "--window", "4",
-                 "--far_k_dim", "2", "--far_v_dim", "2", "--block_size", "32", "--device", "cpu",
-                 "--out_dir", str(tmp_path / "bench"))
-    finally:
-        prepare.smollm2_tokenizer.cache_clear()
+    data, _ = tiny_dataset(tmp_path, "the theatre and the 1 in 10, the aunt\n", 300)
+    r = call(bench.main, "finetune", "--quick", "--dataset", data, "--window", "4", "--far_k_dim", "2",
+             "--far_v_dim", "2", "--block_size", "32", "--device", "cpu", "--out_dir", str(tmp_path / "bench"))
     assert r.returncode == 0, r.stderr
     result = json.load(open(tmp_path / "bench" / "finetune.json"))
     full, dar_curve = result["curves"]["full"][0], result["curves"]["dar"][0]
