@@ -102,6 +102,8 @@ class TrainConfig:
     device: str = setting("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting("auto", DTYPE_HELP)
     compile: bool = setting(False, "torch.compile the model")
+    compile_backend: Literal["inductor", "aot_eager"] = setting(
+        "inductor", "--compile's backend: inductor builds kernels; aot_eager only traces (a quick check)")
     seed: int = setting(1337, "seed of the weights, the batches and dropout")
 
 
@@ -486,7 +488,7 @@ def train(model, optimizer, data, cfg, tokenizer, state, device, ctx, dtype, ddp
     every eval_interval iterations and at the end, saves ckpt_last.pt every ckpt_interval.
     Returns False where `stop` was asked first (the iteration reached is saved)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    train_model = torch.compile(model) if cfg.compile else model
+    train_model = torch.compile(model, backend=cfg.compile_backend) if cfg.compile else model
     if ddp:
         train_model = DDP(train_model, device_ids=[torch.device(device).index] if "cuda" in device else None)
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=dtype == "float16")
