@@ -273,6 +273,9 @@ def bench_decode(args):
     configs = regimes(block_size, args.n_head, head_dim, args.window, args.far_dim)
     if args.kv_heads:   # grouped-query attention, as Llama-family models have it
         configs.update({f"{name} gqa": {**configs[name], "n_kv_head": args.kv_heads} for name in ("full", "dar")})
+    unknown = set(args.masked_prefill) - set(configs)
+    if unknown:
+        raise SystemExit(f"error: --masked_prefill {sorted(unknown)}: the regimes are {list(configs)}")
     models = {name: model_for(args, c, block_size).to(device).eval() for name, c in configs.items()}
     def new_caches(B):
         peers = {peer: StaticCache(models[full].config, B, getattr(torch, dtype), device)
@@ -332,19 +335,24 @@ def bench_decode(args):
 
 def bench_prefill(args, models, caches, ctx, device):
     """Time to first token: the whole prompt through an emptied cache in one call, per
-    regime and prompt length, against the static peer."""
+    regime and prompt length, against the static peer; the --masked_prefill regimes also on
+    dar.py's masked reference path (the split attention off), alternated with the rest."""
     rows = []
     for T in args.prefill_lengths:
         prompt = torch.randint(args.vocab_size, (1, T), device=device)
-        def prefill(name, cache):
+        def prefill(name, cache, masked=False):
             forward = cached_forward(name, models, cache)
             def run():
+                kernel = dar.FLASH_LSE
+                dar.FLASH_LSE = None if masked else kernel   # without it dar.split_attention falls back
                 with torch.no_grad(), ctx:
                     cache.reset()
                     forward(prompt)
+                dar.FLASH_LSE = kernel
             return run
-        seconds = median_times({name: prefill(name, cache) for name, cache in caches.items()},
-                               args.prefill_repeats, 1, device)
+        runs = {name: prefill(name, cache) for name, cache in caches.items()}
+        runs.update({f"{name} masked": prefill(name, caches[name], True) for name in args.masked_prefill})
+        seconds = median_times(runs, args.prefill_repeats, 1, device)
         rows += [{"T": T, "regime": name, "ms": 1000 * s, "vs_static": s / seconds[peer_of(name)]}
                  for name, s in seconds.items()]
         print(f"prefill T={T} done", file=sys.stderr, flush=True)
@@ -555,6 +563,10 @@ def plot_decode(results, prefill, configs, path):
             ax.set(title=f"decode step, batch {B}", xlabel="context length T", ylabel="ms per token step")
         rows = [r for r in prefill if r["regime"] == name]
         axes[-2].plot([r["T"] for r in rows], [r["ms"] for r in rows], style, marker=marker, markersize=5, label=label)
+        rows = [r for r in prefill if r["regime"] == f"{name} masked"]
+        if rows:
+            axes[-2].plot([r["T"] for r in rows], [r["ms"] for r in rows], style, marker="x", alpha=0.5,
+                          label=f"{label}: masked reference path")
         if name != "static":   # the peer holds what the full regime holds
             rows = [r for r in results if r["regime"] == name and r["B"] == batch_sizes[0]]
             axes[-1].plot([r["T"] for r in rows], [r["held_bytes"] / r["B"] / 2**20 for r in rows], style,
@@ -1240,6 +1252,8 @@ def main(argv=None):
     decode.add_argument("--prefill_lengths", type=int, nargs="+", default=[1024, 4096],
                         help="prompt lengths for time to first token " + d)
     decode.add_argument("--prefill_repeats", type=int, default=5, help="timed prefills per variant (the median) " + d)
+    decode.add_argument("--masked_prefill", nargs="*", default=["dar", "dar latent"], help="regimes whose prompts "
+                        "are also timed on dar.py's masked reference path, as 'NAME masked' " + d)
     decode.add_argument("--num_samples", type=int, default=8, help="batched against sequential sampling " + d)
     decode.add_argument("--sample_tokens", type=int, default=256, help="tokens generated per sample there " + d)
     decode.add_argument("--sample_prompt", type=int, default=256, help="prompt tokens of those samples " + d)

@@ -127,7 +127,8 @@ class GPTConfig:
 
 def dar_attention(q, k, v, far_k, far_v, window, dropout_p=0.0, block=None):
     """q: (B, H, n, d), the last n of T positions; k, v: (B, Hkv, m, d), the last m >= n;
-    far_k, far_v: (B, Hkv, T, d), all T as seen beyond the window, or None (sliding window)."""
+    far_k, far_v: (B, Hkv, T, w), all T as seen beyond the window (w <= d: zero beyond what
+    a far token keeps; it meets q's first w coordinates), or None (a sliding window)."""
     n = q.size(2)
     m = k.size(2)
     T = m if far_k is None else far_k.size(2)
@@ -153,12 +154,95 @@ def dar_attention(q, k, v, far_k, far_v, window, dropout_p=0.0, block=None):
         if n_far:
             far = torch.arange(n_far, device=q.device) <= pos - window
             mask = torch.cat([mask, far], dim=1)
-            keys = torch.cat([keys, far_k[:, :, :n_far]], dim=2)
-            values = torch.cat([values, far_v[:, :, :n_far]], dim=2)
+            pad = (0, k.size(-1) - far_k.size(-1))   # far copies as wide as the keys
+            keys = torch.cat([keys, F.pad(far_k[:, :, :n_far], pad)], dim=2)
+            values = torch.cat([values, F.pad(far_v[:, :, :n_far], pad)], dim=2)
         y = F.scaled_dot_product_attention(q[:, :, start:start + block], keys, values,
                                            attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
         out.append(y)
     return torch.cat(out, dim=2)
+
+
+# A cached prompt needs no gradient, and then the masks can go: the far tier of query i is
+# causal attention W tokens behind (keys j <= i - W, their first w coordinates), the local
+# tier a band of W keys; each part gives its outputs and log-sum-exps (lse), and weighting
+# each part by exp(lse - lse of both) gives one softmax over both (flash-decoding's merge).
+# PyTorch's CPU flash kernel returns the lse (no gradient flows through it; n >= 1 only):
+FLASH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def merge(part, other):
+    """Two attentions of the same queries over disjoint keys, (out, lse) each: one softmax."""
+    lse = torch.logaddexp(part[1], other[1])
+    out = part[0].float() * (part[1] - lse).exp()[..., None]
+    more = other[0].float() * (other[1] - lse).exp()[..., None]
+    out[..., :more.size(-1)] += more   # a far part may be narrower: zero beyond its width
+    return out.type_as(part[0]), lse
+
+
+def band_attention(q, k, v, window, scale, block=64):
+    """The local tier: query r sees the W keys up to its own (k ends with them). Blocks of b
+    queries against the b + W keys around them, overlapping windows of one padded copy."""
+    B, H, n, d = q.shape
+    W = window
+    b = min(W, block)   # blocks of up to 64 queries: fastest on CPU (bench.py decode)
+    blocks = -(-n // b)
+    front = W - (k.size(2) - n)   # zeros in front: query r's own key lands at r + W
+    k = F.pad(k, (0, 0, front, blocks * b - n))
+    v = F.pad(v, (0, 0, front, blocks * b - n))
+    keys = k.unfold(2, b + W, b).transpose(-1, -2).flatten(0, 1)   # (B * H, blocks, b + W, d)
+    values = v.unfold(2, b + W, b).transpose(-1, -2).flatten(0, 1)
+    queries = F.pad(q, (0, 0, 0, blocks * b - n)).flatten(0, 1).unflatten(1, (blocks, b))
+    col = torch.arange(b + W, device=q.device)
+    row = torch.arange(b, device=q.device)[:, None]
+    first = torch.arange(blocks, device=q.device)[:, None, None] * b
+    seen = (col > row) & (col <= row + W) & (first + col >= front)   # (blocks, b, b + W)
+    mask = torch.zeros(seen.shape, dtype=q.dtype, device=q.device).masked_fill(~seen, -math.inf)
+    out, lse = FLASH_LSE(queries, keys, values, attn_mask=mask[None], scale=scale)
+    return out.reshape(B, H, -1, d)[:, :, :n], lse.reshape(B, H, -1)[:, :, :n]
+
+
+def far_attention(q, far_k, far_v, window, scale):
+    """The far tier: query i (of the last n of T) sees far keys j <= i - W. The first keys,
+    which every query sees, in one call; after them, causal attention from the first query
+    that sees one (queries before it: lse -inf, no far key)."""
+    n = q.size(2)
+    T = far_k.size(2)
+    q = q[..., :far_k.size(-1)]
+    lag = T - n - window   # the first query sees far keys 0..lag
+    first = max(lag, 0)
+    skip = first - lag
+    keys = slice(first, T - window)   # n - skip of them: a square causal mask
+    out, lse = FLASH_LSE(q[:, :, skip:], far_k[:, :, keys], far_v[:, :, keys], is_causal=True,
+                         scale=scale)
+    out = F.pad(out, (0, 0, skip, 0))
+    lse = F.pad(lse, (skip, 0), value=-math.inf)
+    if first:
+        seen = FLASH_LSE(q, far_k[:, :, :first], far_v[:, :, :first], scale=scale)
+        return merge(seen, (out, lse))
+    return out, lse
+
+
+def split_attention(q, k, v, far_k, far_v, window):
+    """dar_attention for a cached prompt: the far tier and the local band apart, no mask over
+    their union. dar_attention (the reference) wherever the kernel or a gradient is missing."""
+    T = k.size(2) if far_k is None else far_k.size(2)
+    needs_grad = torch.is_grad_enabled() and q.requires_grad
+    if FLASH_LSE is None or q.device.type != "cpu" or needs_grad or window >= T:
+        return dar_attention(q, k, v, far_k, far_v, window)
+    groups = q.size(1) // k.size(1)
+    if groups > 1:   # the kernel takes as many key heads as query heads
+        k = k.repeat_interleave(groups, 1)
+        v = v.repeat_interleave(groups, 1)
+        if far_k is not None:
+            far_k = far_k.repeat_interleave(groups, 1)
+            far_v = far_v.repeat_interleave(groups, 1)
+    scale = 1 / math.sqrt(q.size(-1))
+    far = None if far_k is None else far_attention(q, far_k, far_v, window, scale)
+    if window == 0:   # every key is far: the output is zero beyond the far values' width
+        return F.pad(far[0], (0, q.size(-1) - far[0].size(-1)))
+    local = band_attention(q, k, v, window, scale)
+    return local[0] if far is None else merge(local, far)[0]
 
 
 # ----------------------------------------------------------------------------------------
@@ -415,12 +499,13 @@ class CausalSelfAttention(nn.Module):
 
     def far_keys_values(self, k, v, latents):
         """Every token as seen beyond the window (None: no far tier). Slice: k[:rk], v[:rv],
-        zero-padded; latent: the key and value projections of far_up(latents), shifted."""
+        zero-padded to the wider; latent: the key and value projections of far_up(latents)."""
         if self.far_mode == "slice":
             if not self.has_far:   # nothing kept: a sliding window
                 return None, None
-            far_k = F.pad(k[..., :self.far_k_dim], (0, self.head_dim - self.far_k_dim))
-            far_v = F.pad(v[..., :self.far_v_dim], (0, self.head_dim - self.far_v_dim))
+            width = max(self.far_k_dim, self.far_v_dim)
+            far_k = F.pad(k[..., :self.far_k_dim], (0, width - self.far_k_dim))
+            far_v = F.pad(v[..., :self.far_v_dim], (0, width - self.far_v_dim))
             return far_k, far_v
         key_value_rows = self.c_attn.weight[self.n_embd:]
         bias = None if self.c_attn.bias is None else self.c_attn.bias[self.n_embd:]
@@ -457,7 +542,7 @@ class CausalSelfAttention(nn.Module):
             far_k, far_v = self.far_keys_values(*cache.kept())
             keys = torch.cat([recent_k, k], dim=2)
             values = torch.cat([recent_v, v], dim=2)
-            y = dar_attention(q, keys, values, far_k, far_v, self.window)
+            y = split_attention(q, keys, values, far_k, far_v, self.window)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -618,6 +703,9 @@ class GPT(nn.Module):
             raise ValueError(f"{start + T} tokens exceed block_size={self.config.block_size}")
         if cache is not None and (targets is not None or B != cache.batch_size):
             raise ValueError("a cached forward takes no targets and the cache's batch size")
+        if cache is not None and torch.is_grad_enabled():   # a cache serves inference: no graph
+            with torch.no_grad():
+                return self.forward(idx, cache=cache)
         x = self.transformer.wte(idx)
         if self.has_wpe:
             pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)

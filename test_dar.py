@@ -258,6 +258,59 @@ def test_full_far_dims_is_full_attention(window):
     torch.testing.assert_close(slice_attention(q, k, v, window, 8, 8), want, atol=1e-5, rtol=1e-5)
 
 
+def prompt_tensors(n, T, window, n_kv_head, far_k_dim, far_v_dim, seed=3):
+    """q for the last n of T positions, the keys a cache hands dar_attention (the window's
+    last ones before the chunk, then the chunk's), far keys and values of width max(rk, rv)."""
+    g = torch.Generator().manual_seed(seed)
+    m = n + min(T - n, max(window - 1, 0))
+    width = max(far_k_dim, far_v_dim)
+    q = torch.randn(2, 4, n, 8, generator=g)
+    k, v = (torch.randn(2, n_kv_head, m, 8, generator=g) for _ in range(2))
+    far_k = F.pad(torch.randn(2, n_kv_head, T, far_k_dim, generator=g), (0, width - far_k_dim))
+    far_v = F.pad(torch.randn(2, n_kv_head, T, far_v_dim, generator=g), (0, width - far_v_dim))
+    if width == 0:   # a sliding window
+        return q, k, v, None, None
+    return q, k, v, far_k, far_v
+
+
+@pytest.mark.parametrize("far_dims, window", [(f, w) for f in [(2, 2), (1, 6), (0, 4), (4, 0), (8, 8), (0, 0)]
+                                               for w in [0, 1, 3, 70, 300] if w or f != (0, 0)])
+@pytest.mark.parametrize("n, T", [(150, 150), (1, 150), (2, 150), (40, 150), (130, 150)])
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+def test_split_attention_of_a_cached_prompt_is_the_masked_path(far_dims, window, n, T, n_kv_head):
+    """The far tier as causal attention W behind plus the local band, merged by log-sum-exp:
+    dar_attention's masked result, for fresh prompts and chunks after cached tokens (the
+    first query seeing far keys or not), windows 0, 1, a few tokens, more than a block of
+    64 queries, and beyond T; far (8, 8) is the latent's full-width far tier."""
+    q, k, v, far_k, far_v = prompt_tensors(n, T, window, n_kv_head, *far_dims)
+    want = dar.dar_attention(q, k, v, far_k, far_v, window)
+    with torch.no_grad():
+        got = dar.split_attention(q, k, v, far_k, far_v, window)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-6)
+
+
+def test_a_cached_prompt_takes_the_split_and_the_masked_path_where_the_kernel_is_missing(
+        monkeypatch):
+    """A model's cached prompt calls the log-sum-exp kernel (and equals the uncached
+    forward); without the kernel, or with a gradient wanted, dar_attention runs instead."""
+    calls = []
+    kernel = dar.FLASH_LSE
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return kernel(*args, **kwargs)
+    monkeypatch.setattr(dar, "FLASH_LSE", spy)
+    model, _ = make_model(window=3, far_k_dim=2, far_v_dim=2, kv_shift=True, rope=True)
+    assert_cache_matches_uncached(model, prompt_len=7)
+    assert len(calls) == 2 * (2 + 3)   # 2 layers x (band, far causal; then + far all see first)
+    q, k, v, far_k, far_v = prompt_tensors(20, 20, 3, 4, 2, 2)
+    calls.clear()
+    q.requires_grad_(True)
+    got = dar.split_attention(q, k, v, far_k, far_v, 3)
+    assert got.requires_grad and not calls   # the masked path: its gradient is the formula's
+    monkeypatch.setattr(dar, "FLASH_LSE", None)
+    assert_cache_matches_uncached(model, prompt_len=7)
+
+
 def test_regimes_differ():
     """The oracle comparisons mean something only if the regimes compute different things."""
     g = torch.Generator().manual_seed(3)

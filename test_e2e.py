@@ -713,9 +713,10 @@ def test_bench_decode_smoke_bytes_are_the_formula(tmp_path):
     assert all(row["held_bytes"] == row["full_bytes"] for row in full)
     gqa = [row for row in rows if row["regime"] == "full gqa"]   # TINY_BENCH: 2 heads, 1 key/value head
     assert all(2 * row["held_bytes"] == row["full_bytes"] and row["bytes_vs_full"] == 0.5 for row in gqa)
-    prefill = result["prefill"]   # time to first token: each prompt length, the peers and every regime
-    assert [(row["T"], row["regime"]) for row in prefill] == [(T, name) for T in (5, 30) for name in names]
-    assert all(row["ms"] > 0 for row in prefill) and len(table_rows(r.stdout)) == 2 * 3 * 12 + 2 * 12 + 2
+    prefill = result["prefill"]   # time to first token: each prompt length, the peers, every regime,
+    masked = ["dar masked", "dar latent masked"]   # and two on the masked reference path (the default)
+    assert [(row["T"], row["regime"]) for row in prefill] == [(T, name) for T in (5, 30) for name in names + masked]
+    assert all(row["ms"] > 0 for row in prefill) and len(table_rows(r.stdout)) == 2 * 3 * 12 + 2 * 14 + 2
     assert set(result["sample_seconds"]) == {"batched", "sequential"}
     assert (tmp_path / "decode.png").exists() or "matplotlib is not installed" in r.stdout   # an optional extra
 
