@@ -509,7 +509,7 @@ class CausalSelfAttention(nn.Module):
             return far_k, far_v
         key_value_rows = self.c_attn.weight[self.n_embd:]
         bias = None if self.c_attn.bias is None else self.c_attn.bias[self.n_embd:]
-        far = F.linear(self.far_up(latents), key_value_rows, bias)
+        far = F.linear(latents, key_value_rows @ self.far_up.weight, bias)   # (W_KV far_up) c
         far_k, far_v = (self.heads(t) for t in far.chunk(2, dim=-1))
         if self.kv_shift:
             return self.shift(far_k, far_v)
