@@ -841,7 +841,9 @@ def test_bench_recall_smoke(tmp_path):
     rows = table_rows(r.stdout)
     assert result["variants"]["k1 v3"] == dict(window=4, far_k_dim=1, far_v_dim=3)   # an --extra row
     assert result["variants"]["dar hd/4 k<v rope unrotated wpe"]["rope_wpe"] is True
-    assert len(rows) == 6 + 2 * 2 and all(row.rstrip(" |").split("|")[-1].strip() in ("0/2", "1/2", "2/2") for row in rows[:6])
+    assert len(rows) == 6 + 6 + 2 * 2 and all(row.split("|")[-3].strip() in ("0/2", "1/2", "2/2") for row in rows[:6])
+    assert [row.split("|")[-2].split()[0] for row in rows[:6]] == ["full", "full", "full", "full", "full", "full"]
+    assert result["threads"] == 1   # --threads' default, set for every run
     assert (tmp_path / "recall.png").exists() or "matplotlib is not installed" in r.stdout   # an optional extra
     def resumed(max_iters):   # the full rows again with --resume: read when finished, continued when not
         again = call(bench.main, "recall", *sizes, "--max_iters", max_iters, "--only", "full", "--resume")
@@ -858,7 +860,8 @@ def test_bench_recall_smoke(tmp_path):
     for run in runs.values():
         assert run["answers"] > 0 and 0 <= run["selects"] <= 1 and 0 <= run["accuracy"] <= 1
     names = list(bench.recall_regimes(bench.argparse.Namespace(n_embd=64, n_head=2, window=16, block_size=128)))
-    assert names[:3] == ["full", "dar hd/4", "dar hd/4 k<v"] and "sliding rope" in names and len(names) == 18
+    assert names[:3] == ["full", "dar hd/4", "dar hd/4 k<v"] and "sliding rope" in names and len(names) == 19
+    assert set(bench.RECALL_ROWS) <= set(names)
 
 
 @pytest.mark.parametrize("rope", [False, True])
@@ -890,11 +893,16 @@ def test_attention_maps_of_bench_attention_give_the_models_attention_output(rope
         torch.testing.assert_close(y.transpose(1, 2).reshape(2, 24, 16), outputs[2 + layer], atol=1e-5, rtol=1e-5)
 
 
-def test_seeds_learned_against_full_attention():
-    accuracy = lambda a: {"all": (a, 10)}
-    full = [accuracy(1.0), accuracy(0.9), accuracy(1.0)]
-    assert bench.learned_count([accuracy(0.95), accuracy(0.89), accuracy(0.2)], full) == "1/3"   # 90% of 1.0
-    assert bench.learned_count([accuracy(0.95)], None) == "1/1" and bench.seeds_cell(full, "all") == "100.0% (90-100)"
+def test_seeds_learned_by_an_absolute_bar_and_the_baseline_at_the_budget():
+    accuracy = lambda a: {"beyond window": (a, 10), "all": (1.0, 12)}
+    assert bench.learned([accuracy(0.95), accuracy(0.9), accuracy(0.89), accuracy(0.2)]) == 2   # 90% of far answers
+    regime = {"window": 4, "rope": True}
+    results = {"full rope": [accuracy(1.0)] * 9 + [accuracy(0.3)]}
+    assert bench.baseline_cell(regime, results) == "full rope 9/10, learns"
+    results["full rope"][0] = accuracy(0.5)   # 8 of 10: the row is not compared
+    assert bench.baseline_cell(regime, results) == "full rope 8/10, does not learn: no comparison"
+    assert bench.baseline_cell({**regime, "rope_wpe": True}, results) == "full rope wpe: not run"
+    assert bench.baseline({"window": 4}) == "full" and bench.seeds_cell(results["full rope"], "all") == "100.0% (100-100)"
 
 
 def test_bench_capacity_smoke(tmp_path, monkeypatch):
