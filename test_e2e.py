@@ -1057,7 +1057,7 @@ def test_pictures_name_rows_as_the_tables_do(tmp_path):
     assert bench.row_label("dar hd/4 k<v rope unrotated wpe", rope) == "dar, k 4 + v 12, rope (unrotated prefix) + wpe"
     pytest.importorskip("matplotlib")   # an optional extra: where it is installed, the pictures draw
     variants = {"full": bench.sliced(128, hd, hd), "dar hd/4": bench.sliced(16, 8, 8)}
-    runs = [{"all": [a, 100]} for a in (1.0, 0.5, 0.98)]
+    runs = [{"all": [a, 100], "beyond window": [a, 90]} for a in (1.0, 0.5, 0.98)]
     bench.plot_recall(variants, {"full": runs, "dar hd/4": runs}, str(tmp_path / "recall.png"))
     bench.plot_curves({"full": [(0, 4.0), (10, 3.0)], "dar": [(0, 4.0), (10, 3.1)]}, 2, str(tmp_path / "quality.png"))
     configs = bench.regimes(256, 4, 64, 128, 16)
