@@ -917,7 +917,8 @@ QUICK = dict(n_layer=2, n_head=4, n_embd=64, block_size=128, window=16, far_dim=
              max_iters=300, eval_interval=50, warmup_iters=20, finetune_iters=50)
 CAPACITY_QUICK = dict(pairs=[4, 16], dims=[2, 8], tied_dims=[4], seeds=1)
 FINETUNE_QUICK = dict(max_iters=2, eval_interval=1, eval_iters=1, seeds=1, block_size=64, batch_size=1, window=16)
-RECALL_QUICK = dict(block_size=64, window=8, max_iters=600, eval_interval=200, train_seqs=5000, val_seqs=200)
+RECALL_QUICK = dict(block_size=64, window=8, max_iters=600, eval_interval=200, train_seqs=5000, val_seqs=200,
+                    seeds=3)
 
 
 # ----------------------------------------------------------------------------------------
@@ -1331,8 +1332,8 @@ def main(argv=None):
                             "without it this size did not learn recall in 2000 iterations " + d)
         s.add_argument("--train_seqs", type=int, default=20000, help=f"{MEANING['train_seqs']} {d}")
         s.add_argument("--val_seqs", type=int, default=val_seqs, help=f"{MEANING['val_seqs']} {d}")
-    recall.add_argument("--quick", action="store_true", help="smaller sizes, to try the benchmark out (about 12 "
-                        f"minutes on 2 CPU cores): {RECALL_QUICK}")
+    recall.add_argument("--quick", action="store_true", help="smaller sizes and 3 seeds a row, to try the "
+                        f"benchmark out: {RECALL_QUICK}")
     capacity.add_argument("--pairs", type=int, nargs="+", default=[2, 4, 8, 16], help="numbers of key-value pairs "
                           "per sequence, one column each " + d)
     capacity.add_argument("--dims", type=int, nargs="+", default=[1, 2, 4, 8, 16],
