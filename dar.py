@@ -3,8 +3,9 @@ Distance-Adaptive Representation (DAR) in a nanoGPT-style GPT, in one file.
 
 A token's key and value keep their full head dimension while it is among the last `window`
 tokens; further away it keeps less ("slice": its first coordinates; "latent": a learned
-bottleneck). One softmax spans both tiers. Sections: 1. GPTConfig, 2. dar_attention,
-3. KVCache, 4. the model, 5. convert (a trained full model made DAR). See README.md.
+bottleneck). One softmax spans both tiers. Sections: 1. GPTConfig, 2. dar_attention (and
+split_attention, its mask-free form for cached prompts), 3. KVCache, 4. the model,
+5. convert (a trained full model made DAR). See README.md.
 """
 
 import math
