@@ -141,6 +141,9 @@ def dar_attention(q, k, v, far_k, far_v, window, dropout_p=0.0, block=None):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=causal, dropout_p=dropout_p,
                                               is_causal=n == m, enable_gqa=gqa)
     block = block or max(2 * window, 64)   # fastest on CPU (bench.py decode)
+    if far_k is not None:   # far copies as wide as the keys, padded once
+        far_k = F.pad(far_k, (0, k.size(-1) - far_k.size(-1)))
+        far_v = F.pad(far_v, (0, k.size(-1) - far_v.size(-1)))
     out = []
     for start in range(0, n, block):
         first = T - n + start                 # the block's first and last query positions
@@ -155,9 +158,8 @@ def dar_attention(q, k, v, far_k, far_v, window, dropout_p=0.0, block=None):
         if n_far:
             far = torch.arange(n_far, device=q.device) <= pos - window
             mask = torch.cat([mask, far], dim=1)
-            pad = (0, k.size(-1) - far_k.size(-1))   # far copies as wide as the keys
-            keys = torch.cat([keys, F.pad(far_k[:, :, :n_far], pad)], dim=2)
-            values = torch.cat([values, F.pad(far_v[:, :, :n_far], pad)], dim=2)
+            keys = torch.cat([keys, far_k[:, :, :n_far]], dim=2)
+            values = torch.cat([values, far_v[:, :, :n_far]], dim=2)
         y = F.scaled_dot_product_attention(q[:, :, start:start + block], keys, values,
                                            attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
         out.append(y)
@@ -500,7 +502,7 @@ class CausalSelfAttention(nn.Module):
 
     def far_keys_values(self, k, v, latents):
         """Every token as seen beyond the window (None: no far tier). Slice: k[:rk], v[:rv],
-        zero-padded to the wider; latent: the key and value projections of far_up(latents)."""
+        zero-padded to the wider; latent: W_KV far_up(latents) as keys and values, shifted."""
         if self.far_mode == "slice":
             if not self.has_far:   # nothing kept: a sliding window
                 return None, None
