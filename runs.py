@@ -1,0 +1,301 @@
+"""
+What a long training run needs beyond train.py's loop, read after it: one run per output
+folder, Ctrl-C that saves, DDP's share of an iteration, time left, refusals of flags that
+cannot be honoured.
+"""
+
+import argparse
+import dataclasses
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Literal, get_args, get_origin
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+# Defaults that depend on the run: on a CUDA GPU about nanoGPT's baby Shakespeare; convert
+# fine-tunes a trained model (a from-scratch warm-up to 1e-3 undoes the conversion, see
+# RESULTS.md); smollm2 as nanoGPT's finetune_shakespeare (3e-5), scaled to a CPU.
+DEFAULTS = {
+    "CUDA": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, window=64,
+                 far_k_dim=16, far_v_dim=16, batch_size=64, max_iters=5000, warmup_iters=100,
+                 eval_iters=200, ckpt_interval=500),
+    "convert": dict(learning_rate=1e-4, min_lr=1e-5, warmup_iters=0),
+    "smollm2": dict(learning_rate=3e-5, min_lr=3e-5, warmup_iters=0, block_size=256,
+                    batch_size=4, max_iters=100, eval_interval=50, eval_iters=10,
+                    ckpt_interval=50, sample_tokens=100),
+}
+MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "window",
+                "far_mode", "far_k_dim", "far_v_dim", "far_latent_dim", "kv_shift", "rope",
+                "rope_wpe", "rope_base", "rope_prefix")
+
+
+def parse_args(config_class, description, argv):
+    """Only the flags given, as a dict: defaults may depend on the device and init_from.
+    Every field of config_class is a flag, its metadata["help"] its meaning."""
+    p = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(config_class):
+        defaults = [f"default: {f.default!r}"]
+        defaults += [f"{name}: {table[f.name]!r}" for name, table in DEFAULTS.items()
+                     if f.name in table]
+        help = f"{f.metadata['help']} ({'; '.join(defaults)})"
+        if f.type is bool:
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=help)
+        elif get_origin(f.type) is Literal:   # the choices are the field's type
+            p.add_argument(f"--{f.name}", choices=get_args(f.type), help=help)
+        else:
+            p.add_argument(f"--{f.name}", type=f.type, help=help, metavar=f.type.__name__.upper())
+    return vars(p.parse_args(argv))
+
+
+def settings(config_class, given, device, resumed=None):
+    """Defaults, then the device's and init_from's (or, on resume, the checkpoint's
+    settings), then the flags given."""
+    base = dataclasses.asdict(config_class())
+    if resumed is not None:
+        why = "--init_from resume continues the checkpoint's model"
+        refuse_changes(given, resumed, MODEL_FIELDS, why)
+        base.update(resumed)
+    else:
+        if torch.device(device).type == "cuda":
+            base.update(DEFAULTS["CUDA"])
+        base.update(DEFAULTS.get(given.get("init_from"), {}))
+    cfg = config_class(**{**base, **given})
+    for name in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
+                 "ckpt_interval", "log_interval"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name}={getattr(cfg, name)} must be at least 1")
+    if cfg.max_iters < 0 or cfg.learning_rate <= 0 or cfg.min_lr < 0:
+        raise ValueError("max_iters must be >= 0, learning_rate > 0 and min_lr >= 0")
+    if cfg.init_from == "convert" and not cfg.convert_from:
+        raise ValueError("--init_from convert needs --convert_from PATH: a full-dimension "
+                         "checkpoint, ours or nanoGPT's")
+    other_mode = ("far_k_dim", "far_v_dim") if cfg.far_mode == "latent" else ("far_latent_dim",)
+    for name in other_mode:
+        if name in given:
+            raise ValueError(f"--{name} does not apply to --far_mode {cfg.far_mode}")
+    return cfg
+
+
+def refuse_changes(given, kept, names, why):
+    """A flag among `names` whose value differs from `kept`'s cannot be honoured: one line."""
+    changed = [name for name in names if name in given and given[name] != kept[name]]
+    if changed:
+        flags = " ".join("--" + name for name in changed)
+        has = ", ".join(f"{name} {kept[name]!r}" for name in changed)
+        raise ValueError(f"{flags}: {why} ({has}); drop the flag or start a new run")
+
+
+class OutDirLock:
+    """One live run per output folder: OUT_DIR/run.lock holds the pid of the run writing
+    there. A lock whose process is gone (killed with -9) is stale and taken over."""
+
+    def __init__(self, out_dir):
+        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+            raise ValueError(f"--out_dir {out_dir} is a file, not a folder")
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--out_dir {out_dir} cannot be made ({e.strerror})") from None
+        if not os.access(out_dir, os.W_OK | os.X_OK):
+            raise ValueError(f"--out_dir {out_dir} is not writable")
+        self.path = os.path.join(out_dir, "run.lock")
+        while not self.take():
+            other = self.holder()
+            if other is not None and alive(other):
+                raise ValueError(f"{out_dir} is being written by another run (process {other}); "
+                                 "wait for it, stop it, or use --out_dir DIR")
+            try:   # stale: its process is gone
+                os.remove(self.path)
+            except FileNotFoundError:
+                pass
+
+    def take(self):
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+
+    def holder(self):
+        try:
+            with open(self.path) as f:
+                return int(f.read().strip())
+        except (OSError, ValueError):   # gone, or half written: try again
+            return None
+
+    def release(self):
+        if self.holder() == os.getpid():
+            os.remove(self.path)
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's process
+        return True
+    return True
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) while training asks to stop once the iteration in progress is done,
+    so that it can be saved; a second Ctrl-C raises KeyboardInterrupt at once."""
+
+    def __init__(self):
+        self.asked = False
+        self.installed = threading.current_thread() is threading.main_thread()   # signals
+        if self.installed:
+            self.previous = signal.signal(signal.SIGINT, self.ask)
+
+    def ask(self, signum, frame):
+        self.asked = True
+        print("\ninterrupt: stopping after this iteration, which is saved (Ctrl-C again: stop "
+              "now)", file=sys.stderr, flush=True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def agreed(self, ddp):
+        """Whether to stop now; with DDP, every process stops if one was asked."""
+        if not ddp:
+            return self.asked
+        flag = torch.tensor([float(self.asked)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self):
+        if self.installed:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def ddp_share(cfg, world):
+    """What each of `world` processes computes of an iteration, in words; ValueError where
+    neither the micro-steps nor the sequences divide among them."""
+    steps = cfg.gradient_accumulation_steps
+    if steps % world == 0:
+        return f"{steps // world} of its {steps} micro-steps"
+    if cfg.batch_size % world == 0:
+        return f"{cfg.batch_size // world} of every micro-step's {cfg.batch_size} sequences"
+    raise ValueError(f"neither gradient_accumulation_steps={steps} nor "
+                     f"batch_size={cfg.batch_size} divides among the {world} processes")
+
+
+def iteration_batches(get_batch, data, cfg, it, rank, world, device):
+    """This process's share of iteration `it`'s batches. An iteration is the same
+    gradient_accumulation_steps batches however many processes train (they depend on the
+    seed and `it` only), so DDP computes the step one process would: the processes share
+    the micro-steps where they divide evenly, as nanoGPT does, else each one's sequences."""
+    rng = np.random.default_rng([cfg.seed, 0, it])
+    steps = cfg.gradient_accumulation_steps
+    batches = [get_batch(data, "train", cfg, rng, device) for _ in range(steps)]
+    if world == 1:
+        return batches
+    if steps % world == 0:
+        share = steps // world
+        return batches[rank * share:(rank + 1) * share]
+    rows = cfg.batch_size // world
+    return [(x[rank * rows:(rank + 1) * rows], y[rank * rows:(rank + 1) * rows])
+            for x, y in batches]
+
+
+def evaluations_left(it, cfg):
+    """Evaluations still to come once `it` iterations are done: multiples of eval_interval
+    after `it`, and the last iteration."""
+    later = cfg.max_iters // cfg.eval_interval - it // cfg.eval_interval
+    return later + (cfg.max_iters % cfg.eval_interval > 0)
+
+
+def format_time(seconds):
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+def kept_checkpoint(last, saved_iter):
+    """What a stopped run leaves behind, in words."""
+    if saved_iter is None:
+        return "No checkpoint of this run was written before it"
+    return (f"The last good checkpoint is untouched: {last} (iter {saved_iter}; --init_from "
+            "resume continues it)")
+
+
+class Clock:
+    """ms per iteration and tokens/s over training alone (not evaluations or saves), and
+    the time left: recent iterations weigh most, and each evaluation still to come."""
+
+    def __init__(self, cfg, start_iter):
+        self.cfg = cfg
+        self.start_iter = start_iter
+        self.last = time.time()
+        self.paused = None
+        self.per_iter = None
+        self.eval_seconds = 0.0
+
+    def pause(self):
+        self.paused = time.time()
+
+    def evaluated(self):
+        self.eval_seconds = time.time() - self.paused
+
+    def resume(self):
+        self.last += time.time() - self.paused
+
+    def progress(self, done):
+        cfg = self.cfg
+        now = time.time()
+        recent = (now - self.last) / min(cfg.log_interval, done - self.start_iter)
+        self.last = now
+        if self.per_iter is None:
+            self.per_iter = recent
+        else:
+            self.per_iter = 0.5 * self.per_iter + 0.5 * recent
+        left = self.per_iter * (cfg.max_iters - done)
+        left += self.eval_seconds * evaluations_left(done, cfg)
+        tokens = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
+        return (f"{recent * 1000:.0f} ms/iter, {tokens / recent:,.0f} tok/s, "
+                f"{format_time(left)} left")
+
+
+def describe(c):
+    """The model's settings on one line."""
+    far = f"far_k_dim {c.far_k_dim}, far_v_dim {c.far_v_dim}"
+    if c.far_mode == "latent":
+        far = f"far_mode latent, far_latent_dim {c.far_latent_dim}"
+    positions = "wpe"
+    if c.rope:
+        wpe = ", wpe kept" if c.rope_wpe else ""
+        positions = f"rope (base {c.rope_base:g}, prefix {c.rope_prefix}{wpe})"
+    return (f"n_layer {c.n_layer}, n_head {c.n_head}, n_embd {c.n_embd}, block_size "
+            f"{c.block_size}; window {c.window}, {far}, kv_shift {c.kv_shift}, positions "
+            f"{positions}")
+
+
+def start_ddp(device):
+    """The process group of a torchrun launch, and this process's device."""
+    cuda = torch.device(device).type == "cuda"
+    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    if cuda:
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    return device
+
+
+def claim_out_dir(cfg, master):
+    """OUT_DIR, locked for this run (by the master); refused where it holds another run's
+    checkpoints that a new run would replace without --overwrite."""
+    if not master:
+        return None
+    lock = OutDirLock(cfg.out_dir)
+    names = ("ckpt_last.pt", "ckpt_best.pt")
+    held = [n for n in names if os.path.exists(os.path.join(cfg.out_dir, n))]
+    if held and cfg.init_from != "resume" and not cfg.overwrite:
+        lock.release()
+        raise ValueError(f"{cfg.out_dir} holds a run ({held[0]}): --init_from resume continues "
+                         "it, --overwrite replaces it, --out_dir DIR starts elsewhere")
+    return lock
