@@ -120,8 +120,9 @@ def convert(model, window, far_k_dim=None, far_v_dim=None, calibration=None, far
         raise ValueError("convert expects a full-dimension model (far dims = head_dim)")
     if pairs not in ("score", "high", "low") or pairs != "score" and not model.config.rope:
         raise ValueError(f"pairs={pairs!r}: 'score', 'high' or 'low', for a rope model")
-    config = dataclasses.replace(model.config, window=window, far_k_dim=far_k_dim, far_v_dim=far_v_dim,
-                     far_mode=far_mode, far_latent_dim=far_latent_dim)
+    config = dataclasses.replace(model.config, window=window, far_k_dim=far_k_dim,
+                                 far_v_dim=far_v_dim, far_mode=far_mode,
+                                 far_latent_dim=far_latent_dim)
     param = next(model.parameters())
     new = dar.GPT(config).to(device=param.device, dtype=param.dtype)
     new.load_state_dict(model.state_dict(), strict=far_mode == "slice")   # latent: + far maps

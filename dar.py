@@ -54,7 +54,8 @@ class GPTConfig:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
             self.require(name, getattr(self, name) >= 1, "must be at least 1")
         self.n_kv_head = self.n_kv_head or self.n_head
-        self.require("n_embd", self.n_embd % self.n_head == 0, f"must divide by n_head={self.n_head}")
+        divisible = self.n_embd % self.n_head == 0
+        self.require("n_embd", divisible, f"must be divisible by n_head={self.n_head}")
         self.require("n_kv_head", self.n_head % self.n_kv_head == 0, "must divide n_head")
         self.require("norm", self.norm in ("layernorm", "rmsnorm"), "must be layernorm or rmsnorm")
         self.require("mlp", self.mlp in ("gelu", "swiglu"), "must be gelu or swiglu")
@@ -68,7 +69,7 @@ class GPTConfig:
         self.far_latent_dim = self.far_size("far_latent_dim", "latent", 1, self.n_embd)
         empty = self.window == 0 and self.far_k_dim == 0 and self.far_v_dim == 0
         self.require("window", not empty, "with far_k_dim=far_v_dim=0 leaves nothing to attend to")
-        self.require("rope_wpe", self.rope or not self.rope_wpe, "keeps wpe beside rope: needs rope")
+        self.require("rope_wpe", self.rope or not self.rope_wpe, "keeps wpe beside rope: needs it")
         if self.rope:
             self.require("rope_base", self.rope_base > 0, "must be > 0")
             even = self.head_dim % 2 == 0 and (self.far_k_dim or 0) % 2 == 0   # whole pairs

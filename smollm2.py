@@ -64,7 +64,9 @@ def config_from(reader, block_size, dropout=0.0):
     """dar's GPTConfig of a llama GGUF, full attention over block_size tokens."""
     arch = field(reader, "general.architecture")
     if arch != "llama":
-        raise ValueError(f"the GGUF file holds a {arch!r} model; this loader reads 'llama' (SmolLM2)")
+        raise ValueError(
+            f"the GGUF file holds a {arch!r} model; this loader reads 'llama' (SmolLM2)"
+        )
     n_embd = field(reader, "llama.embedding_length")
     n_head = field(reader, "llama.attention.head_count")
     if field(reader, "llama.rope.dimension_count") != n_embd // n_head:
@@ -87,7 +89,9 @@ def dequantized(tensor):
     try:
         return gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     except NotImplementedError:
-        raise ValueError(f"{tensor.name}: gguf cannot dequantize {tensor.tensor_type.name}") from None
+        raise ValueError(
+            f"{tensor.name}: gguf cannot dequantize {tensor.tensor_type.name}"
+        ) from None
 
 
 # dar's parameter -> the GGUF tensors it is made of, stacked by rows ({i}: the layer)
@@ -210,8 +214,10 @@ def for_training(cfg, given, tokenizer, device):
     keeps = [name for name in convert.KEEPS + ("far_mode", "far_latent_dim")
              if name != "block_size" and name in given]
     if keeps:
-        raise ValueError(f"{' '.join('--' + n for n in keeps)}: --init_from smollm2 keeps the "
-                         "file's architecture (a rotary model's far tier is a slice of whole pairs)")
+        raise ValueError(
+            f"{' '.join('--' + n for n in keeps)}: --init_from smollm2 keeps the "
+            "file's architecture (a rotary model's far tier is a slice of whole pairs)"
+        )
     tiers = [name for name in ("far_k_dim", "far_v_dim", "pairs") if name in given]
     if tiers and "window" not in given:
         raise ValueError(f"--{tiers[0]}: --init_from smollm2 is full attention unless --window "
@@ -261,7 +267,10 @@ class GGUFTokenizer:
     def __init__(self, path=None):
         import tiktoken
         reader = read_gguf(path or gguf_path())
-        if field(reader, "tokenizer.ggml.model") != "gpt2" or field(reader, "tokenizer.ggml.pre") != "smollm":
+        if (
+            field(reader, "tokenizer.ggml.model") != "gpt2"
+            or field(reader, "tokenizer.ggml.pre") != "smollm"
+        ):
             raise ValueError("the GGUF tokenizer is not SmolLM2's byte-level BPE (gpt2, smollm)")
         tokens = field(reader, "tokenizer.ggml.tokens")
         kinds = field(reader, "tokenizer.ggml.token_type")   # 1 normal, 3 control (<|im_end|>, ...)
@@ -274,9 +283,12 @@ class GGUFTokenizer:
             first, second = merge.split(" ")
             joined = bytes(to_byte[c] for c in first + second)
             ranks.setdefault(joined, len(ranks))
-        self.rank_to_id = np.array([ids.get(token, -1) for token in ranks])   # ranks 0, 1, ... in order
-        self.encoding = tiktoken.Encoding("smollm2", pat_str=DIGITS_THEN_GPT2, mergeable_ranks=ranks,
-                                          special_tokens={})
+        self.rank_to_id = np.array(
+            [ids.get(token, -1) for token in ranks]
+        )  # ranks 0, 1, ... in order
+        self.encoding = tiktoken.Encoding(
+            "smollm2", pat_str=DIGITS_THEN_GPT2, mergeable_ranks=ranks, special_tokens={}
+        )
         self.specials = {tokens[i]: i for i, kind in enumerate(kinds) if kind == 3}
         self.bos = field(reader, "tokenizer.ggml.bos_token_id")
         self.eos = field(reader, "tokenizer.ggml.eos_token_id")
@@ -301,7 +313,9 @@ class GGUFTokenizer:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
         template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(
             self.chat_template)
-        text = template.render(messages=[{"role": "user", "content": prompt}], add_generation_prompt=True)
+        text = template.render(
+            messages=[{"role": "user", "content": prompt}], add_generation_prompt=True
+        )
         return self.encode_with_specials(text)
 
     def decode_bytes(self, ids):

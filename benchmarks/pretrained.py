@@ -1,0 +1,387 @@
+"""
+SmolLM2-135M made DAR: perplexity against KV bytes training-free, and DAR against the
+full control fine-tuned identically.
+
+    python bench.py pretrained
+    python bench.py finetune
+"""
+
+import glob
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+import checkpoint
+import train
+from benchmarks import common
+from benchmarks import gpu
+
+
+FINETUNE_QUICK = dict(
+    max_iters=2, eval_interval=1, eval_iters=1, seeds=1, block_size=64, batch_size=1, window=16
+)
+
+
+@torch.no_grad()
+def perplexity(model, ids, context, windows, ctx):
+    """exp(mean loss) over `windows` consecutive windows of `context` + 1 tokens, every token
+    of each scored with the context its window gives it (the first ones little)."""
+    total, start = 0.0, time.time()
+    for w in range(windows):
+        x = torch.tensor([ids[w * (context + 1):(w + 1) * (context + 1)]])
+        with ctx:
+            total += model(x[:, :-1], targets=x[:, 1:])[1].item()
+        if (w + 1) % 10 == 0 or w + 1 == windows:
+            left = (time.time() - start) / (w + 1) * (windows - w - 1)
+            print(
+                f"context {context}: window {w + 1}/{windows}, perplexity so far"
+                f" {math.exp(total / (w + 1)):.2f}, {left / 60:.1f} min left",
+                flush=True,
+            )
+    return math.exp(total / windows)
+
+
+def pretrained_rows(head_dim):
+    """name -> (family, window, far_k_dim, far_v_dim, pair order) of bench.py pretrained: the
+    full model, sliding windows, DAR by each pair order, its far values 16 / 32 / 64 (64:
+    thin keys, far keys only), its far keys, and uniform reduction (window 0)."""
+    d = head_dim
+    rows = {"full": ("full attention", None, d, d, None)}
+    for W in (256, 512, 704, 1024):
+        rows[f"sliding {W}"] = ("sliding window", W, 0, 0, "score")
+    for pairs in ("score", "low"):
+        for W in (64, 128, 256):
+            rows[f"dar {pairs} W{W} k16 v16"] = (
+                f"DAR k 16 + v 16, pairs by {pairs}",
+                W,
+                16,
+                16,
+                pairs,
+            )
+    rows["dar high W64 k16 v16"] = ("DAR k 16 + v 16, pairs by high", 64, 16, 16, "high")
+    for k, v in ((16, 32), (16, 64), (8, 64), (8, 16), (32, 32)):
+        family = (
+            "thin keys (W 64, values whole)" if v == d else "DAR W 64, other far dims, by score"
+        )
+        rows[f"dar score W64 k{k} v{v}"] = (family, 64, k, v, "score")
+    for k in (16, 32):
+        rows[f"uniform k{k} v{k}"] = ("uniform (window 0)", 0, k, k, "score")
+    return rows
+
+
+def bench_pretrained(args):
+    """SmolLM2-135M on Shakespeare's validation split, training-free: perplexity and KV bytes
+    at each context for full attention, sliding windows and DAR conversions (calibrated on
+    the train split); decode step time and time to first token against the static peer."""
+    import smollm2
+    device = checkpoint.pick_device(args.device)
+    ctx, dtype = checkpoint.autocast(device)
+    block_size = max(args.contexts + args.lengths) + args.warmup + args.steps
+    model = smollm2.from_gguf(block_size=block_size, device=device)
+    cfg = model.config
+    tokenizer = smollm2.GGUFTokenizer()
+    ids = smollm2.shakespeare_ids(tokenizer, "val")
+    rows = pretrained_rows(cfg.head_dim)
+    unknown = sorted(set(args.only or []) - set(rows))
+    if unknown:
+        sys.exit(f"error: --only {' '.join(unknown)}: not a row (choices: {', '.join(rows)})")
+    table, results = [], {"perplexity": [], "decode": [], "prefill": []}
+    for name, (family, W, k, v, pairs) in rows.items():
+        if args.only and name not in args.only:
+            continue
+        t0 = time.time()
+        dar_model = (
+            model
+            if W is None
+            else smollm2.to_dar(model, tokenizer, W, k, v, pairs, args.calibration)
+        )
+        for T in args.contexts:
+            windows = min(len(ids) // (T + 1), max(1, args.tokens // T))
+            ppl = perplexity(dar_model, ids, T, windows, ctx)
+            regime = common.sliced(T if W is None else W, k, v)
+            ratio = common.kv_ratio(
+                T,
+                {**regime, "n_kv_head": cfg.n_kv_head},
+                cfg.n_kv_head * cfg.head_dim,
+                cfg.n_kv_head,
+            )
+            kv_mib = ratio * cfg.n_layer * 2 * cfg.n_kv_head * cfg.head_dim * T * 4 / 2**20
+            results["perplexity"].append(
+                {
+                    "name": name,
+                    "family": family,
+                    "T": T,
+                    "window": regime["window"],
+                    "far_k_dim": k,
+                    "far_v_dim": v,
+                    "pairs": pairs,
+                    "perplexity": ppl,
+                    "tokens": windows * T,
+                    "kv_ratio": ratio,
+                    "kv_mib": kv_mib,
+                }
+            )
+            table.append([name, T, windows * T, f"{ppl:.2f}", f"{ratio:.3f}", f"{kv_mib:.1f}",
+                          f"{time.time() - t0:.0f}"])
+            print(
+                common.markdown(
+                    [
+                        "row",
+                        "context",
+                        "tokens scored",
+                        "perplexity",
+                        "KV bytes vs full",
+                        "KV MiB (fp32)",
+                        "seconds",
+                    ],
+                    table[-1:],
+                ).splitlines()[-1],
+                flush=True,
+            )
+    tables = [common.markdown(["row", "context", "tokens scored", "perplexity", "KV bytes vs full",
+                        "KV MiB held at the context (fp32)", "seconds"], table)]
+    if args.lengths:
+        tables += gpu.pretrained_speed(args, model, dtype, device, ctx, results)
+    common.report(args, "pretrained", tables, results)
+    plot_pretrained(results["perplexity"], os.path.join(args.out_dir, "pretrained.png"))
+
+
+def plot_pretrained(points, path):
+    """Perplexity against KV bytes, one panel per context: a curve per family, full a point.
+    Points above 3x full attention's perplexity sit on the top edge as triangles, their value
+    in the legend."""
+    plt = common.pyplot()
+    if plt is None or not points:
+        return
+    contexts = sorted({p["T"] for p in points})
+    fig, axes = plt.subplots(
+        1, len(contexts), figsize=(5.6 * len(contexts) + 2.8, 4.4), squeeze=False
+    )
+    for ax, T in zip(axes[0], contexts):
+        families = {}
+        for p in points:
+            if p["T"] == T:
+                families.setdefault(p["family"], []).append(p)
+        full = min(
+            p["perplexity"]
+            for p in points
+            if p["T"] == T and p["window"] >= T and p["far_k_dim"] > 0
+        )
+        top = 3 * full
+        for i, (family, members) in enumerate(families.items()):
+            members.sort(key=lambda p: p["kv_ratio"])
+            x = [p["kv_ratio"] for p in members]
+            y = [min(p["perplexity"], top) for p in members]
+            clipped = [p for p in members if p["perplexity"] > top]
+            label = family + "".join(
+                f" [{p['perplexity']:.0f} at {p['kv_ratio']:.2f}]" for p in clipped
+            )
+            ax.plot(
+                x,
+                y,
+                color=f"C{i}",
+                label=label,
+                marker="o",
+                markersize=5 if len(members) > 1 else 9,
+            )
+            for p in clipped:
+                ax.plot(p["kv_ratio"], top, marker="^", markersize=10, color=f"C{i}")
+        ax.set(title=f"SmolLM2-135M, context {T}", xlabel="KV bytes held, vs full attention",
+               ylabel="perplexity, Shakespeare val", ylim=(0.9 * full, 1.05 * top))
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def bench_finetune(args):
+    """SmolLM2-135M fine-tuned on Shakespeare in its own tokens (data/prepare.py --tokenizer
+    smollm2), as full attention (the control) and as a DAR conversion, identically (same
+    batches, steps, learning rate and seed): validation perplexity over steps, on each seed,
+    and how much of the training-free gap to the control the fine-tune closes."""
+    if args.quick:
+        for name, value in FINETUNE_QUICK.items():
+            setattr(args, name, value)
+    if args.window >= args.block_size:
+        sys.exit(
+            f"error: --window {args.window} >= --block_size {args.block_size}: DAR would be full"
+            " attention"
+        )
+    tiers = ["--window", args.window, "--far_k_dim", args.far_k_dim, "--far_v_dim", args.far_v_dim,
+             "--pairs", args.pairs]
+    schedule = [
+        "--init_from",
+        "smollm2",
+        "--dataset",
+        args.dataset,
+        "--max_iters",
+        args.max_iters,
+        "--eval_interval",
+        args.eval_interval,
+        "--eval_iters",
+        args.eval_iters,
+        "--block_size",
+        args.block_size,
+        "--batch_size",
+        args.batch_size,
+        "--learning_rate",
+        args.learning_rate,
+        "--min_lr",
+        args.learning_rate,
+        "--sample_tokens",
+        0,
+        "--log_interval",
+        args.log_interval,
+        "--ckpt_interval",
+        args.max_iters + 1,
+        "--device",
+        args.device,
+        "--overwrite",
+    ]
+    seeds = [args.seed + i for i in range(args.seeds)]
+    curves = {"full": [], "dar": []}   # per seed: [(iter, val perplexity), ...]
+    for seed in seeds:
+        for name, extra in (("full", []), ("dar", tiers)):
+            out_dir = os.path.join(args.out_dir, "finetune", f"{name}_seed_{seed}")
+            print(f"\n=== {out_dir} ===", flush=True)
+            train.main([str(a) for a in schedule + extra + ["--seed", seed, "--out_dir", out_dir]])
+            with open(os.path.join(out_dir, "eval_log.jsonl")) as f:
+                curves[name].append(
+                    [(e["iter"], math.exp(e["val_loss"])) for e in map(json.loads, f)]
+                )
+            for path in glob.glob(
+                os.path.join(out_dir, "ckpt_*.pt")
+            ):  # 1.6 GB each: the curve is kept
+                os.remove(path)
+    rows, closed = [], []
+    for i, seed in enumerate(seeds):
+        full = curves["full"][i]
+        dar_curve = curves["dar"][i]
+        before = dar_curve[0][1] / full[0][1] - 1
+        after = dar_curve[-1][1] / full[-1][1] - 1
+        closed.append(1 - after / before if before > 0.001 else None)   # (no gap: nothing to close)
+        rows.append(
+            [
+                seed,
+                f"{full[0][1]:.2f}",
+                f"{dar_curve[0][1]:.2f}",
+                f"{100 * before:+.1f}%",
+                f"{full[-1][1]:.2f}",
+                f"{dar_curve[-1][1]:.2f}",
+                f"{100 * after:+.1f}%",
+                "-" if closed[-1] is None else f"{100 * closed[-1]:.0f}%",
+            ]
+        )
+    n = args.max_iters
+    table = common.markdown(
+        [
+            "seed",
+            "full, before",
+            "DAR, before",
+            "gap",
+            f"full after {n} iters",
+            f"DAR after {n} iters",
+            "gap",
+            "gap closed",
+        ],
+        rows,
+    )
+    curve_rows = [
+        [it] + [f"{curves[name][s][j][1]:.2f}" for s in range(len(seeds)) for name in curves]
+        for j, (it, _) in enumerate(curves["full"][0])
+    ]
+    curve_table = common.markdown(
+        ["iter"] + [f"{name} seed {seed}" for seed in seeds for name in curves], curve_rows
+    )
+    common.report(args, "finetune", [table, "validation perplexity over steps:\n\n" + curve_table],
+           {"seeds": seeds, "curves": curves, "gap_closed": closed})
+    plot_finetune(curves, seeds, args, os.path.join(args.out_dir, "finetune.png"))
+
+
+def plot_finetune(curves, seeds, args, path):
+    """Validation perplexity against iteration: the control solid, DAR dashed, a colour a seed."""
+    plt = common.pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(7.6, 4.2))
+    for s, seed in enumerate(seeds):
+        for name, style in (("full", "-"), ("dar", "--")):
+            label = (
+                "full attention"
+                if name == "full"
+                else f"DAR, window {args.window}, k {args.far_k_dim} + v {args.far_v_dim}"
+            )
+            ax.plot(
+                *zip(*curves[name][s]),
+                linestyle=style,
+                marker=".",
+                color=f"C{s}",
+                label=f"{label}, seed {seed}",
+            )
+    ax.set(title="SmolLM2-135M fine-tuned on Shakespeare (lower is better)", xlabel="iteration",
+           ylabel="validation perplexity")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def add_parsers(sub):
+    D = common.D
+    pretrained = sub.add_parser("pretrained", help=common.summary(bench_pretrained))
+    pretrained.set_defaults(run=bench_pretrained)
+    pretrained.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048],
+                            help="contexts at which the perplexity is measured, in windows of "
+                            "that many tokens" + D)
+    pretrained.add_argument("--tokens", type=int, default=8192, help="tokens scored per context "
+                            "and row, the same for every row (the validation split holds "
+                            "157,750)" + D)
+    pretrained.add_argument("--calibration", type=int, default=1024,
+                            help="tokens of the train split the conversions calibrate on" + D)
+    pretrained.add_argument("--only", nargs="+", help="measure only these rows (default: all; "
+                            "names as printed, e.g. full 'dar score W64 k16 v16')")
+    pretrained.add_argument("--lengths", type=int, nargs="*", default=[1024, 4096],
+                            help="contexts of the decode and prefill timings (none: no "
+                            "timing)" + D)
+    pretrained.add_argument("--steps", type=int, default=20,
+                            help="one-token steps timed, alternated" + D)
+    pretrained.add_argument("--warmup", type=int, default=3, help="untimed steps before them" + D)
+    pretrained.add_argument("--prefill_repeats", type=int, default=3,
+                            help="timed prefills per cache" + D)
+    pretrained.add_argument("--device", default="auto", help=common.MEANING["device"] + D)
+    pretrained.add_argument("--out_dir", default="bench_out", help=common.MEANING["out_dir"] + D)
+    finetune = sub.add_parser("finetune", help=common.summary(bench_finetune))
+    finetune.set_defaults(run=bench_finetune)
+    for flag, default, meaning in FINETUNE_FLAGS:
+        finetune.add_argument(f"--{flag}", type=int, default=default, help=meaning + D)
+    finetune.add_argument("--pairs", default="score", choices=["score", "high", "low"],
+                          help="which rotary pairs the far keys keep (smollm2.to_dar)" + D)
+    finetune.add_argument("--learning_rate", type=float, default=3e-5,
+                          help="AdamW's constant learning rate, both models" + D)
+    finetune.add_argument("--dataset", default="shakespeare_smollm2",
+                          help="a dataset prepared with --tokenizer smollm2" + D)
+    finetune.add_argument("--quick", action="store_true",
+                          help=f"a tiny run, to try it out: {FINETUNE_QUICK}")
+    finetune.add_argument("--device", default="auto", help=common.MEANING["device"] + D)
+    finetune.add_argument("--out_dir", default="bench_out", help=common.MEANING["out_dir"] + D)
+
+
+FINETUNE_FLAGS = [
+    ("window", 128, "DAR: tokens at distance < window keep full keys and values"),
+    ("far_k_dim", 16, "DAR: key coordinates (whole rotary pairs) a distant token keeps"),
+    ("far_v_dim", 16, "DAR: value coordinates a distant token keeps"),
+    ("max_iters", 40, "fine-tune iterations of every run"),
+    ("eval_interval", 10, "evaluate the val loss every this many iterations"),
+    ("eval_iters", 4, "batches per split in an evaluation (the same batches for both models)"),
+    ("block_size", 1024, "tokens per training sequence"),
+    ("batch_size", 1, "sequences per iteration"),
+    ("seeds", 2, "runs per model: seeds --seed, --seed + 1, ..."),
+    ("seed", 1337, "the first seed"),
+    ("log_interval", 5, "print train.py's progress line every this many iterations"),
+]
