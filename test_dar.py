@@ -1231,3 +1231,65 @@ def test_a_rope_model_cast_to_bfloat16_turns_far_positions_as_float32_does():
     want = attn32.turn(x, x, 3000)[1]
     got = attn16.turn(x.bfloat16(), x.bfloat16(), 3000)[1].float()
     torch.testing.assert_close(got, want, atol=0.05, rtol=0.02)
+
+
+# ----------------------------------------------------------------------------------------
+# Behaviours a loaded state dict hides: a fresh model's init, conversion's axes and dtype
+
+def test_a_fresh_gpt_scales_its_residual_projections_as_gpt2():
+    """nanoGPT's init: every c_proj weight (attention and MLP) ~ N(0, 0.02 / sqrt(2 n_layer)),
+    every other linear weight ~ N(0, 0.02); 655,360 c_proj weights, so the measured std is
+    within 0.2% of the true one (sqrt(1 / (2 n)) relative error), and sqrt(2) apart from
+    the 0.02 / sqrt(n_layer) of a forgotten factor 2."""
+    torch.manual_seed(0)
+    cfg = dar.GPTConfig(n_layer=8, n_embd=128, n_head=4, vocab_size=13, block_size=32)
+    model = dar.GPT(cfg)
+    c_proj = [p.flatten() for n, p in model.named_parameters() if n.endswith("c_proj.weight")]
+    c_proj = torch.cat(c_proj)
+    assert c_proj.numel() == 8 * (128 * 128 + 512 * 128)
+    want = 0.02 / math.sqrt(2 * cfg.n_layer)
+    assert abs(c_proj.std().item() / want - 1) < 0.01
+    c_fc = torch.cat([b.mlp.c_fc.weight.flatten() for b in model.transformer.h])
+    assert abs(c_fc.std().item() / 0.02 - 1) < 0.01
+
+
+def calibration_inputs(model, idx):
+    """Every layer's attention input (ln_1's output) on the tokens idx: (N, C) each."""
+    inputs = []
+    def record(module, args, out):
+        inputs.append(out.flatten(0, 1))
+    hooks = [b.ln_1.register_forward_hook(record) for b in model.transformer.h]
+    with torch.no_grad():
+        model(idx)
+    for hook in hooks:
+        hook.remove()
+    return inputs
+
+
+def test_latent_conversion_keeps_the_top_axes_of_the_calibration_inputs():
+    """With calibration tokens, far_up's r columns span the top r eigenvectors of E[x x^T]
+    over the attention inputs x (computed here), and far_down is its transpose: a projection
+    onto them. At r = 4 of 16 a wrong block of the moment keeps another subspace."""
+    model, _ = make_model(window=32, bias=True)
+    idx = torch.randint(0, 13, (4, 32), generator=torch.Generator().manual_seed(9))
+    new = convert.convert(model, 3, far_mode="latent", far_latent_dim=4, calibration=idx)
+    for x, block in zip(calibration_inputs(model, idx), new.transformer.h):
+        x = x.double()
+        moment = x.T @ x / x.size(0)
+        axes = torch.linalg.eigh(moment)[1][:, -4:]   # the top 4 eigenvectors
+        up = block.attn.far_up.weight.double()
+        torch.testing.assert_close(up @ up.T, axes @ axes.T, atol=1e-5, rtol=0)
+        torch.testing.assert_close(block.attn.far_down.weight.double(), up.T)
+
+
+@pytest.mark.parametrize("far_mode", ["slice", "latent"])
+def test_conversion_keeps_the_source_models_dtype_and_device(far_mode):
+    """A bfloat16 model converts to a bfloat16 model on its device, not a float32 copy."""
+    model, _ = make_model(window=32)
+    model = model.to(torch.bfloat16)
+    idx = torch.randint(0, 13, (2, 32), generator=torch.Generator().manual_seed(9))
+    new = convert.convert(model, 3, far_mode=far_mode, calibration=idx)
+    dtypes = {p.dtype for p in new.parameters()}
+    devices = {p.device for p in new.parameters()}
+    assert dtypes == {torch.bfloat16} and devices == {next(model.parameters()).device}
+    assert new(idx)[0].dtype == torch.bfloat16
