@@ -92,8 +92,9 @@ def pair_order(attn, pairs, pair_norms):
 
 
 @torch.no_grad()
-def rotate_heads(attn, moment, key_order=None):
-    """Rotate a layer's values and keys (rope: key pairs into key_order), in place."""
+def change_basis(attn, moment, key_order=None):
+    """A new orthogonal basis for each head of a layer, in place: the principal axes of its
+    values and keys (rope: the key pairs permuted into key_order), not RoPE's rotation."""
     weights, biases = head_weights(attn)   # views: writing them writes c_attn
     U_k, U_v = key_value_axes(weights, biases, moment)
     if attn.rope:   # U_k^T moves pair o = key_order[h, i] (2o, 2o + 1) to 2i, 2i + 1
@@ -133,7 +134,7 @@ def convert(model, window, far_k_dim=None, far_v_dim=None, calibration=None, far
         attn = block.attn
         if far_mode == "slice":
             key_order = pair_order(attn, pairs, pair_norms) if config.rope else None
-            rotate_heads(attn, M, key_order)
+            change_basis(attn, M, key_order)
             continue
         if M is None:   # the top right singular vectors of the key and value weights
             key_value_rows = attn.c_attn.weight[attn.n_embd:].double()

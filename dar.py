@@ -1,13 +1,12 @@
 """
 Distance-Adaptive Representation (DAR) in a nanoGPT-style GPT, in one file.
 
-A token's key and value keep their full head dimension while it is among the last `window`
-tokens; further away they keep a reduced one, and one softmax spans both tiers. The far
-modes: "latent", the paper's formulation, rebuilds a distant token's key and value from a
-learned bottleneck of its attention input, far_up(far_down(x)); "slice" keeps the first
-far_k_dim / far_v_dim coordinates of the key and value it had, with no new parameters (a
-trained model converts without training: convert.py). Sections: 1. config, 2. attention
-over a sequence, 3. the two-tier KV cache, 4. the model, 5. generation. See README.md.
+Keys and values keep their full head dimension for the last `window` tokens and a reduced
+one beyond; one softmax spans both tiers. far_mode "latent" is the paper's formulation (a
+distant token's key and value rebuilt from a learned bottleneck of its input); "slice"
+keeps their first far_k_dim / far_v_dim coordinates (no new parameters; convert.py makes a
+trained model DAR). Sections: 1. config, 2. attention over a sequence, 3. the two-tier KV
+cache, 4. the model, 5. generation. See README.md.
 """
 
 import math
@@ -149,12 +148,9 @@ def dar_attention(q, k, v, far_k, far_v, window, dropout_p=0.0, block=None):
     m = k.size(2)
     T = m if far_k is None else far_k.size(2)
     gqa = q.size(1) != k.size(1)
-    if window >= T:   # every key a query sees is local: causal attention, ends aligned
-        causal = None
-        if n != m:
-            causal = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal, dropout_p=dropout_p,
-                                              is_causal=n == m, enable_gqa=gqa)
+    if window >= T and n == m:   # every key is local: the fused causal kernel
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True,
+                                              enable_gqa=gqa)
     if far_k is not None:   # far copies as wide as the keys: zeros meet zeros
         far_k = F.pad(far_k, (0, k.size(-1) - far_k.size(-1)))
         far_v = F.pad(far_v, (0, k.size(-1) - far_v.size(-1)))
@@ -466,20 +462,22 @@ class CausalSelfAttention(nn.Module):
         return y.view(B, self.n_head, 1, -1)
 
     def decode_slice(self, q, cache):
-        """Every token's kept coordinates score, the window's tokens add their ring's (in
-        position order); by bmm: a 4-d matmul's reshapes cost more than its arithmetic here."""
+        """Every token's kept coordinates score; the window's tokens add their ring's. The
+        ring is in slot order (position p in slot p % W), so its m scores are rolled into
+        position order, and the weights back (cheaper than gathering the ring). By bmm: a
+        4-d matmul's reshapes cost more than its arithmetic here."""
         T = cache.length
         m = min(T, cache.window)
+        oldest = (T - m) % max(cache.window, 1)   # the slot of the oldest token in the window
         rk = self.far_k_dim
-        slots = torch.arange(T - m, T, device=q.device) % cache.window
-        ring_k = cache.ring_k[:, :, slots].flatten(0, 1)
-        ring_v = cache.ring_v[:, :, slots].flatten(0, 1)
         q = q.flatten(0, 1)
         scores = torch.bmm(q[..., :rk], cache.kept_k[:, :, :T].flatten(0, 1).mT)
-        scores[..., T - m:] += torch.bmm(q[..., rk:], ring_k.mT)
+        ring_scores = torch.bmm(q[..., rk:], cache.ring_k[:, :, :m].flatten(0, 1).mT)
+        scores[..., T - m:] += ring_scores.roll(-oldest, -1)   # slot order to position order
         att = F.softmax(scores, dim=-1)
+        ring_att = att[..., T - m:].roll(oldest, -1)   # position order to slot order
         kept_y = torch.bmm(att, cache.kept_v[:, :, :T].flatten(0, 1))   # coordinates :rv
-        ring_y = torch.bmm(att[..., T - m:], ring_v)                       # coordinates rv:
+        ring_y = torch.bmm(ring_att, cache.ring_v[:, :, :m].flatten(0, 1))   # coordinates rv:
         return torch.cat([kept_y, ring_y], dim=-1)
 
     def decode_latent(self, q, cache):
