@@ -22,6 +22,10 @@ from torch.nn import functional as F
 # 1. Configuration: GPT-2 by default; Llama (SmolLM2): n_kv_head < n_head, norm="rmsnorm",
 # mlp="swiglu", bias=False, rope=True.
 
+CHOICES = {"norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu"),
+           "far_mode": ("slice", "latent"), "rope_prefix": ("high", "low", "unrotated")}
+
+
 @dataclass
 class GPTConfig:
     block_size: int = 256
@@ -56,11 +60,8 @@ class GPTConfig:
         divisible = self.n_embd % self.n_head == 0
         self.require("n_embd", divisible, f"must be divisible by n_head={self.n_head}")
         self.require("n_kv_head", self.n_head % self.n_kv_head == 0, "must divide n_head")
-        self.require("norm", self.norm in ("layernorm", "rmsnorm"), "must be layernorm or rmsnorm")
-        self.require("mlp", self.mlp in ("gelu", "swiglu"), "must be gelu or swiglu")
-        self.require("far_mode", self.far_mode in ("slice", "latent"), "must be slice or latent")
-        prefixes = ("high", "low", "unrotated")
-        self.require("rope_prefix", self.rope_prefix in prefixes, f"must be one of {prefixes}")
+        for name, choices in CHOICES.items():
+            self.require(name, getattr(self, name) in choices, f"must be one of {choices}")
         self.require("dropout", 0.0 <= self.dropout < 1.0, "must be in [0, 1)")
         self.require("window", self.window >= 0, "must be >= 0")
         self.far_k_dim = self.far_size("far_k_dim", "slice", 0, self.head_dim)
@@ -251,8 +252,7 @@ class LayerCache:
         self.length = L + n
 
     def recent(self, like):
-        """Whole keys and values of the last window - 1 tokens held, in position order: the
-        ones a new token still sees at full dimension."""
+        """Whole keys and values of the last window - 1 tokens, which a new token sees."""
         self.allocate(like)
         first = max(0, self.length - max(self.window - 1, 0))
         positions = torch.arange(first, self.length, device=self.ring_k.device)
@@ -265,8 +265,8 @@ class LayerCache:
         return k, v
 
     def kept(self):   # what every held token keeps: kept_k, kept_v (slice) or latents
-        held = (self.kept_k, self.kept_v, self.latents)
-        return tuple(None if t is None else t[..., :self.length, :] for t in held)
+        return tuple(None if t is None else t[..., :self.length, :]
+                     for t in (self.kept_k, self.kept_v, self.latents))
 
 
 class KVCache:

@@ -97,20 +97,11 @@ class OutDirLock:
     there. A lock whose process is gone (killed with -9) is stale and taken over."""
 
     def __init__(self, out_dir):
-        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-            raise ValueError(f"--out_dir {out_dir} is a file, not a folder")
-        try:
-            os.makedirs(out_dir, exist_ok=True)
-        except OSError as e:
-            raise ValueError(f"--out_dir {out_dir} cannot be made ({e.strerror})") from None
-        if not os.access(out_dir, os.W_OK | os.X_OK):
-            raise ValueError(f"--out_dir {out_dir} is not writable")
         self.path = os.path.join(out_dir, "run.lock")
         while not self.take():
             other = self.holder()
             if other is not None and alive(other):
-                raise ValueError(f"{out_dir} is being written by another run (process {other}); "
-                                 "wait for it, stop it, or use --out_dir DIR")
+                raise ValueError(writing(out_dir, other))
             try:   # stale: its process is gone
                 os.remove(self.path)
             except FileNotFoundError:
@@ -126,15 +117,25 @@ class OutDirLock:
         return True
 
     def holder(self):
-        try:
-            with open(self.path) as f:
-                return int(f.read().strip())
-        except (OSError, ValueError):   # gone, or half written: try again
-            return None
+        return read_pid(self.path)
 
     def release(self):
         if self.holder() == os.getpid():
             os.remove(self.path)
+
+
+def read_pid(path):
+    """The pid in a lock file, or None (none there, or half written)."""
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def writing(out_dir, pid):
+    return (f"{out_dir} is being written by another run (process {pid}); wait for it, stop "
+            "it, or use --out_dir DIR")
 
 
 def alive(pid):
@@ -286,16 +287,26 @@ def start_ddp(device):
     return device
 
 
-def claim_out_dir(cfg, master):
-    """OUT_DIR, locked for this run (by the master); refused where it holds another run's
-    checkpoints that a new run would replace without --overwrite."""
-    if not master:
-        return None
-    lock = OutDirLock(cfg.out_dir)
+def claim_out_dir(cfg, master, ddp):
+    """OUT_DIR, checked by every process (the same answer everywhere, so no process waits
+    for one that stopped), then locked for this run by the master."""
+    out_dir = cfg.out_dir
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out_dir {out_dir} is a file, not a folder")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out_dir {out_dir} cannot be made ({e.strerror})") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise ValueError(f"--out_dir {out_dir} is not writable")
+    other = read_pid(os.path.join(out_dir, "run.lock"))
+    if other is not None and alive(other):
+        raise ValueError(writing(out_dir, other))
     names = ("ckpt_last.pt", "ckpt_best.pt")
-    held = [n for n in names if os.path.exists(os.path.join(cfg.out_dir, n))]
+    held = [n for n in names if os.path.exists(os.path.join(out_dir, n))]
     if held and cfg.init_from != "resume" and not cfg.overwrite:
-        lock.release()
-        raise ValueError(f"{cfg.out_dir} holds a run ({held[0]}): --init_from resume continues "
+        raise ValueError(f"{out_dir} holds a run ({held[0]}): --init_from resume continues "
                          "it, --overwrite replaces it, --out_dir DIR starts elsewhere")
-    return lock
+    if ddp:
+        dist.barrier()   # every process checked before the master takes the lock
+    return OutDirLock(out_dir) if master else None

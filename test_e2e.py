@@ -1142,3 +1142,18 @@ def test_a_second_run_into_a_live_runs_out_dir_is_refused_and_a_killed_runs_lock
     assert r.returncode == 0, r.stderr
     assert not (out / "run.lock").exists()
     assert torch.load(out / "ckpt_last.pt", weights_only=True)["iter_num"] == 2
+
+
+def test_a_checkpoint_is_written_under_a_temporary_name_of_its_process(tmp_path, monkeypatch):
+    """Two processes saving into one folder never share a temporary file (the rename of one
+    cannot take the other's half-written bytes)."""
+    renames = []
+    replace = os.replace
+    def spy(src, dst):
+        renames.append((src, dst))
+        replace(src, dst)
+    monkeypatch.setattr(checkpoint.os, "replace", spy)
+    path = str(tmp_path / "c.pt")
+    checkpoint.save({"x": torch.arange(3)}, path)
+    assert renames == [(f"{path}.{os.getpid()}.tmp", path)]
+    assert checkpoint.read(path)["x"].tolist() == [0, 1, 2]

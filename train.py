@@ -388,7 +388,7 @@ def main(argv=None):
                 device = runs.start_ddp(device)
             master = not ddp or dist.get_rank() == 0
             run, data, dtype = setup(given, device, ddp, master)
-            lock = runs.claim_out_dir(run.cfg, master)   # after every refusal of a flag
+            lock = runs.claim_out_dir(run.cfg, master, ddp)   # after every refusal of a flag
         except ValueError as e:
             sys.exit(f"error: {e}")
         train_and_sample(run, data, device, dtype, ddp, master)
