@@ -1,7 +1,7 @@
 """
-What a long training run needs beyond train.py's loop, read after it: one run per output
-folder, Ctrl-C that saves, DDP's share of an iteration, time left, refusals of flags that
-cannot be honoured.
+What a training run needs beyond train.py's loop, read after it: settings over defaults
+and refusals of flags that cannot be honoured, one run per output folder, Ctrl-C that
+saves, DDP's share of an iteration, time left, the closing sample.
 """
 
 import argparse
@@ -16,6 +16,10 @@ from typing import Literal, get_args, get_origin
 import numpy as np
 import torch
 import torch.distributed as dist
+
+import cache_bytes
+import checkpoint
+from data import prepare
 
 
 # Defaults that depend on the run: on a CUDA GPU about nanoGPT's baby Shakespeare; convert
@@ -310,3 +314,35 @@ def claim_out_dir(cfg, master, ddp):
     if ddp:
         dist.barrier()   # every process checked before the master takes the lock
     return OutDirLock(out_dir) if master else None
+
+
+def open_dataset(cfg, master):
+    """The prepared dataset and tokenizer; the default corpus prepared first if missing, by
+    the master while the other processes wait."""
+    meta_path = os.path.join(prepare.dataset_dir(cfg.dataset), "meta.json")
+    if master and cfg.dataset == prepare.DEFAULT_DATASET and not os.path.exists(meta_path):
+        prepare.main([])
+    if dist.is_initialized():
+        dist.barrier()
+    return prepare.open_dataset(cfg.dataset, cfg.block_size)
+
+
+def closing_sample(cfg, device, ctx):
+    """A short sample from the best checkpoint, decoded with the two-tier cache."""
+    path = os.path.join(cfg.out_dir, "ckpt_best.pt")
+    ckpt = checkpoint.load(path, device)
+    model = checkpoint.model_from(ckpt, device)
+    tokenizer = checkpoint.tokenizer_from(ckpt, path)
+    print(f"--- sample from {path} (iter {ckpt['iter_num']}, val loss {ckpt['val_loss']:.4f}), "
+          "decoded with the two-tier KV cache ---")
+    torch.manual_seed(cfg.seed)
+    prompt = tokenizer.default_prompt()
+    idx = torch.tensor([prompt], device=device)
+    cache = model.new_cache(1)
+    start = time.perf_counter()
+    with ctx:
+        stream = model.generate_stream(idx, cfg.sample_tokens, 0.8, 200, cache=cache)
+        tokens = [t.item() for t in stream]
+    tokens_per_s = len(tokens) / (time.perf_counter() - start)
+    print(tokenizer.decode(prompt + tokens))
+    print(f"--- {cache_bytes.report(cache)}; {tokens_per_s:.0f} tokens/s ---")

@@ -806,7 +806,7 @@ def test_recall_rejects_impossible_settings(tmp_path):
 def test_recall_batches_are_whole_sequences_with_loss_on_answers(tmp_path):
     out, _, tokens, answers = recall_data(tmp_path)
     cfg = train.TrainConfig(dataset=str(out), block_size=48, batch_size=8)
-    data, _ = train.open_dataset(cfg, master=True)
+    data, _ = runs.open_dataset(cfg, master=True)
     x, y = train.get_batch(data, "train", cfg, np.random.default_rng(0), "cpu")
     for row_x, row_y in zip(x.numpy(), y.numpy()):
         i = [k for k in range(len(tokens)) if np.array_equal(tokens[k, :-1], row_x)][0]

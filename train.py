@@ -28,7 +28,6 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import cache_bytes
 import checkpoint
 import convert
 import dar
@@ -118,16 +117,6 @@ RESUME_NEEDS = ("model_config", "model", "tokenizer", "optimizer", "iter_num",
 
 # ----------------------------------------------------------------------------------------
 # data
-
-def open_dataset(cfg, master):
-    """The prepared dataset (the default corpus prepared first if missing) and tokenizer."""
-    meta_path = os.path.join(prepare.dataset_dir(cfg.dataset), "meta.json")
-    if master and cfg.dataset == prepare.DEFAULT_DATASET and not os.path.exists(meta_path):
-        prepare.main([])
-    if dist.is_initialized():
-        dist.barrier()
-    return prepare.open_dataset(cfg.dataset, cfg.block_size)
-
 
 def get_batch(data, split, cfg, rng, device):
     """A random batch of (input, target) sequences; `rng` decides which, so a run (and a
@@ -324,27 +313,6 @@ def train(run, data, device, dtype, ddp, stop):
                   f"{clock.progress(run.iter_num)}", flush=True)
 
 
-def closing_sample(cfg, device, ctx):
-    """A short sample from the best checkpoint, decoded with the two-tier cache."""
-    path = os.path.join(cfg.out_dir, "ckpt_best.pt")
-    ckpt = checkpoint.load(path, device)
-    model = checkpoint.model_from(ckpt, device)
-    tokenizer = checkpoint.tokenizer_from(ckpt, path)
-    print(f"--- sample from {path} (iter {ckpt['iter_num']}, val loss {ckpt['val_loss']:.4f}), "
-          "decoded with the two-tier KV cache ---")
-    torch.manual_seed(cfg.seed)
-    prompt = tokenizer.default_prompt()
-    idx = torch.tensor([prompt], device=device)
-    cache = model.new_cache(1)
-    start = time.perf_counter()
-    with ctx:
-        stream = model.generate_stream(idx, cfg.sample_tokens, 0.8, 200, cache=cache)
-        tokens = [t.item() for t in stream]
-    tokens_per_s = len(tokens) / (time.perf_counter() - start)
-    print(tokenizer.decode(prompt + tokens))
-    print(f"--- {cache_bytes.report(cache)}; {tokens_per_s:.0f} tokens/s ---")
-
-
 def setup(given, device, ddp, master):
     """The settings, the data and the Run (new, converted, pretrained or resumed from
     OUT_DIR/ckpt_last.pt); the autocast dtype."""
@@ -361,7 +329,7 @@ def setup(given, device, ddp, master):
             print(f"DDP: {dist.get_world_size()} processes, each computing {share} of an "
                   "iteration (the same step as one process)", flush=True)
     torch.manual_seed(cfg.seed + (dist.get_rank() if ddp else 0))
-    data, tokenizer = open_dataset(cfg, master)
+    data, tokenizer = runs.open_dataset(cfg, master)
     if resumed is not None and resumed["tokenizer"]["vocab_size"] != tokenizer.vocab_size:
         raise ValueError(f"the checkpoint's tokenizer does not match dataset {cfg.dataset}")
     model = build_model(cfg, given, data, tokenizer, device, resumed)
@@ -427,7 +395,7 @@ def train_and_sample(run, data, device, dtype, ddp, master):
         sys.exit(f"interrupted: saved {last} at iter {run.iter_num}; continue with --init_from "
                  "resume")
     if master and cfg.sample_tokens > 0:
-        closing_sample(cfg, device, run.ctx)
+        runs.closing_sample(cfg, device, run.ctx)
 
 
 if __name__ == "__main__":
