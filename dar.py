@@ -74,8 +74,6 @@ class GPTConfig:
             self.require("rope_base", self.rope_base > 0, "must be > 0")
             even = self.head_dim % 2 == 0 and (self.far_k_dim or 0) % 2 == 0   # whole pairs
             self.require("head_dim", even, f"and far_k_dim={self.far_k_dim} must be even with rope")
-            latent = self.far_mode == "latent" and not self.is_full
-            self.require("far_mode", not latent, "builds no far key to turn (rope)")
 
     def require(self, name, ok, rule):
         if not ok:
@@ -376,10 +374,14 @@ class CausalSelfAttention(nn.Module):
     def heads(self, t):   # (B, T, n * head_dim) -> (B, n, T, head_dim)
         return t.view(*t.shape[:2], -1, self.head_dim).transpose(1, 2)
 
+    def key_frequencies(self, device):
+        """(Hkv, d / 2): key/value head h turns its pair i at rope_frequencies[rope_pairs[h, i]]."""
+        return rope_frequencies(self.config).to(device)[self.rope_pairs]
+
     def turn(self, q, k, start):
-        """RoPE on q and k at positions start, start + 1, ...: key/value head h turns its pair
-        i at rope_frequencies[rope_pairs[h, i]], and so do the query heads that read it."""
-        freqs = rope_frequencies(self.config).to(q.device)[self.rope_pairs]   # (Hkv, d / 2)
+        """RoPE on q and k at positions start, start + 1, ...; a query head turns as the
+        key/value head it reads."""
+        freqs = self.key_frequencies(q.device)
         group = self.n_head // self.n_kv_head
         return rotate(q, freqs.repeat_interleave(group, 0), start), rotate(k, freqs, start)
 
@@ -396,7 +398,8 @@ class CausalSelfAttention(nn.Module):
 
     def far_keys_values(self, k, v, latents):
         """Every token as seen beyond the window (None: no far tier). Slice: k[:rk], v[:rv],
-        zero-padded to the wider; latent: W_KV far_up(latents) as keys and values, shifted."""
+        zero-padded to the wider; latent: W_KV far_up(latents) as keys and values, shifted
+        and (rope) the keys turned at their own positions 0, 1, ..., as near keys are."""
         if self.far_mode == "slice":
             if not self.has_far:   # nothing kept: a sliding window
                 return None, None
@@ -411,7 +414,9 @@ class CausalSelfAttention(nn.Module):
         far_k = self.heads(far_k)
         far_v = self.heads(far_v)
         if self.kv_shift:
-            return self.shift(far_k, far_v)
+            far_k, far_v = self.shift(far_k, far_v)
+        if self.rope:
+            far_k = rotate(far_k, self.key_frequencies(far_k.device), 0)
         return far_k, far_v
 
     def forward(self, x, cache=None):
@@ -481,28 +486,14 @@ class CausalSelfAttention(nn.Module):
         return torch.cat([kept_y, ring_y], dim=-1)
 
     def decode_latent(self, q, cache):
-        """DeepSeek's absorb path: no far key is rebuilt. With far_k = W_K far_up c + b_K (c
-        the latent), q . far_k = (q W_K far_up) . c + q . b_K; the far values' sum is
-        W_V far_up sum_j a_j c_j + b_V sum_j a_j. (Under RoPE the turn between q and c
-        depends on j: there is no one map to absorb, hence no rope with latent.)"""
-        C = self.n_embd
-        if cache.maps is None:   # per kv head W_K far_up, W_V far_up (Hkv, d, r): once a fill
-            w_k, w_v = self.c_attn.weight[C:].unflatten(0, (2, self.n_kv_head, self.head_dim))
-            cache.maps = (w_k @ self.far_up.weight, w_v @ self.far_up.weight)
-        key_map, value_map = cache.maps
-        key_bias = None   # (Hkv, 1, d) each
-        value_bias = None
-        if self.c_attn.bias is not None:
-            key_bias, value_bias = self.c_attn.bias[C:].view(2, self.n_kv_head, 1, self.head_dim)
+        """MLA's absorb path: no far value is rebuilt. With far_v = W_V far_up c + b_V (c
+        the latent), the far values' sum is W_V far_up sum_j a_j c_j + b_V sum_j a_j; the
+        far keys' scores likewise (far_scores)."""
         B, Hkv, g, _ = q.shape
         T = cache.length
         m = min(T, cache.window)
         c = cache.latents[:, :T - m]   # (B, T - m, r), shared by all heads
-        far = torch.bmm((q @ key_map).flatten(1, 2), c.mT).view(B, Hkv, g, T - m)
-        if key_bias is not None:
-            far = far + (q * key_bias).sum(-1, keepdim=True)
-        if self.kv_shift:   # far key j is now far_k_j + prev far_k_{j-1}
-            far = mix(self.k_shift_now, self.k_shift_prev, far, F.pad(far[..., :-1], (1, 0)))
+        far = self.far_scores(q, c, cache)
         local = q @ cache.ring_k[:, :, :m].mT   # (the ring's order: a softmax ignores it)
         att = F.softmax(torch.cat([far, local], dim=-1), dim=-1)
         far_att = att[..., :T - m]
@@ -510,10 +501,45 @@ class CausalSelfAttention(nn.Module):
             after = F.pad(far_att[..., 1:], (0, 1))
             far_att = mix(self.v_shift_now, self.v_shift_prev, far_att, after)
         far_sum = torch.bmm(far_att.flatten(1, 2), c).view(B, Hkv, g, -1)   # (B, Hkv, g, r)
+        value_map = self.latent_maps(cache)[1]
         y = att[..., T - m:] @ cache.ring_v[:, :, :m] + far_sum @ value_map.mT
-        if value_bias is not None:
-            y = y + far_att.sum(-1, keepdim=True) * value_bias
+        if self.c_attn.bias is not None:
+            value_bias = self.c_attn.bias[-value_map.size(0) * self.head_dim:]
+            y = y + far_att.sum(-1, keepdim=True) * value_bias.view(Hkv, 1, -1)
         return y
+
+    def latent_maps(self, cache):
+        """Per key/value head W_K far_up and W_V far_up (Hkv, d, r), computed once a fill."""
+        if cache.maps is None:
+            rows = self.c_attn.weight[self.n_embd:]
+            w_k, w_v = rows.unflatten(0, (2, self.n_kv_head, self.head_dim))
+            cache.maps = (w_k @ self.far_up.weight, w_v @ self.far_up.weight)
+        return cache.maps
+
+    def far_scores(self, q, c, cache):
+        """q . far_k_j for the latents c_j (B, n, r): (B, Hkv, g, n). Without rope, absorbed:
+        q . (W_K far_up c_j + b_K) = (q W_K far_up) . c_j + q . b_K. Under RoPE the turn
+        between q and far_k_j depends on j, so no one map folds into q: the far keys are
+        rebuilt from the latents every step (n r d multiply-adds a head) and turned."""
+        B, Hkv, g, _ = q.shape
+        key_map = self.latent_maps(cache)[0]
+        key_bias = None
+        if self.c_attn.bias is not None:
+            key_bias = self.c_attn.bias[self.n_embd:self.n_embd + Hkv * self.head_dim]
+        if self.rope:
+            far_k = F.linear(c, key_map.flatten(0, 1), key_bias)   # (B, n, Hkv * d)
+            far_k = far_k.unflatten(-1, (Hkv, self.head_dim)).transpose(1, 2)
+            if self.kv_shift:   # shifted before the turn, as every key
+                before = F.pad(far_k[:, :, :-1], (0, 0, 1, 0))
+                far_k = mix(self.k_shift_now, self.k_shift_prev, far_k, before)
+            far_k = rotate(far_k, self.key_frequencies(q.device), 0)
+            return q @ far_k.mT
+        far = torch.bmm((q @ key_map).flatten(1, 2), c.mT).view(B, Hkv, g, -1)
+        if key_bias is not None:
+            far = far + (q * key_bias.view(Hkv, 1, -1)).sum(-1, keepdim=True)
+        if self.kv_shift:   # far key j is now far_k_j + prev far_k_{j-1}
+            far = mix(self.k_shift_now, self.k_shift_prev, far, F.pad(far[..., :-1], (1, 0)))
+        return far
 
 
 def norm(config):

@@ -69,7 +69,7 @@ def rope_frequencies(cfg):
     """The angle per position of each pair, in the order the far prefix keeps them: the
     standard base^(-2i/d), highest first; reversed; or far_k_dim unrotated coordinates first,
     then partial rotary over the rest."""
-    d, r, base = cfg.head_dim, cfg.far_k_dim, cfg.rope_base
+    d, r, base = cfg.head_dim, cfg.far_k_dim or 0, cfg.rope_base
     standard = [base ** (-2 * i / d) for i in range(d // 2)]
     return {"high": standard, "low": standard[::-1],
             "unrotated": [0.0] * (r // 2) + [base ** (-2 * i / (d - r)) for i in range((d - r) // 2)]}[cfg.rope_prefix]
@@ -179,6 +179,8 @@ def naive_gpt(sd, cfg, idx):
             if cfg.kv_shift:   # shifted like the near keys and values
                 far_k = naive_shift(far_k, sd[p + "attn.k_shift_now"], sd[p + "attn.k_shift_prev"])
                 far_v = naive_shift(far_v, sd[p + "attn.v_shift_now"], sd[p + "attn.v_shift_prev"])
+            if cfg.rope:   # a far key turned at its own position, as the near key was
+                far_k = naive_rotate(far_k, freqs)
             y = naive_two_tier_attention(q, expand(k), expand(v), expand(far_k), expand(far_v), cfg.window)
         else:
             y = naive_dar_attention(q, expand(k), expand(v), cfg.window, cfg.far_k_dim, cfg.far_v_dim)
@@ -364,11 +366,14 @@ FAMILY = dict(n_head=4, n_embd=32, n_kv_head=2, norm="rmsnorm", mlp="swiglu", ml
               bias=False, tie_embeddings=False)
 
 
-@pytest.mark.parametrize("regime, rope", [(r, rope) for r in ("dar", "uniform", "sliding", "full_window", "latent")
-                                          for rope in (False, True) if not (rope and r == "latent")])   # (refused)
+@pytest.mark.parametrize("regime", ["dar", "uniform", "sliding", "full_window", "latent"])
+@pytest.mark.parametrize("rope", [False, True])
 @pytest.mark.parametrize("n_kv_head", [1, 2, 4])
 @pytest.mark.parametrize("kv_shift", [False, True])
 def test_modern_family_matches_naive_gpt(regime, rope, n_kv_head, kv_shift):
+    """The Llama family (GQA, RMSNorm, SwiGLU, untied head) in every regime, with and without
+    rope (latent: far keys rebuilt from the bottleneck and turned at their own positions)
+    and kv_shift, against the functional oracle, and cached = uncached."""
     tiers = dict(far_mode="latent", window=3, far_latent_dim=6) if regime == "latent" else dict(
         zip(("window", "far_k_dim", "far_v_dim"), REGIMES[regime]))
     model, sd = make_model(**{**FAMILY, "n_kv_head": n_kv_head}, **tiers, kv_shift=kv_shift, rope=rope,
@@ -781,8 +786,9 @@ def make_latent_model(window, r=6, bias=True, seed=0, **kw):
 @pytest.mark.parametrize("window", [0, 1, 3, 10, 11, 32])   # T = 11: W < T, W = T - 1, W >= T
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("kv_shift", [False, True])
-def test_latent_model_matches_naive_gpt(window, bias, kv_shift):
-    model, sd = make_latent_model(window, bias=bias, kv_shift=kv_shift)
+@pytest.mark.parametrize("rope", [False, True])
+def test_latent_model_matches_naive_gpt(window, bias, kv_shift, rope):
+    model, sd = make_latent_model(window, bias=bias, kv_shift=kv_shift, rope=rope, shuffled_pairs=rope)
     assert set(model.state_dict()) == set(sd)
     idx = torch.randint(0, 13, (2, 11), generator=torch.Generator().manual_seed(4))
     want = naive_gpt(sd, model.config, idx)
@@ -822,8 +828,10 @@ def test_latent_starts_as_an_orthogonal_projection():
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("kv_shift", [False, True])
 @pytest.mark.parametrize("prompt_len", [2, 3, 7])
-def test_latent_cache_matches_uncached(window, bias, kv_shift, prompt_len):
-    model, _ = make_latent_model(window, bias=bias, kv_shift=kv_shift)
+@pytest.mark.parametrize("rope", [False, True])
+def test_latent_cache_matches_uncached(window, bias, kv_shift, prompt_len, rope):
+    """Both decode paths: absorbed far keys, and (rope) far keys rebuilt and turned."""
+    model, _ = make_latent_model(window, bias=bias, kv_shift=kv_shift, rope=rope, shuffled_pairs=rope)
     assert_cache_matches_uncached(model, prompt_len)
 
 
@@ -951,7 +959,6 @@ def test_rope_prefix_choices_compute_different_things():
 @pytest.mark.parametrize("kw, field", [
     (dict(rope=True, far_k_dim=3), "far_k_dim"),
     (dict(rope=True, n_embd=18, n_head=2, far_k_dim=2), "head_dim"),
-    (dict(rope=True, far_mode="latent"), "latent"),
     (dict(rope=True, rope_prefix="middle"), "rope_prefix"),
     (dict(rope_wpe=True), "rope_wpe"),
 ])
