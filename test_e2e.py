@@ -734,6 +734,27 @@ def test_bench_decode_smoke_bytes_are_the_formula(tmp_path):
     assert (tmp_path / "decode.png").exists() or "matplotlib is not installed" in r.stdout   # an optional extra
 
 
+def test_bench_decode_rope_rows_hold_the_formula_against_a_rotary_static_cache(tmp_path):
+    """--rope adds full rope, dar rope and dar latent rope (its far keys rebuilt from the
+    latents every step), each timed against a static cache that turns its keys."""
+    r = call(bench.main, "decode", *TINY_BENCH, "--batch_sizes", "1", "--lengths", "16", "40",
+             "--steps", "2", "--warmup", "1", "--prefill_chunk", "7", "--num_samples", "2",
+             "--sample_tokens", "3", "--sample_prompt", "4", "--sample_repeats", "1",
+             "--prefill_lengths", "30", "--prefill_repeats", "1", "--kv_heads", "0", "--rope",
+             "--out_dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    rows = json.load(open(tmp_path / "decode.json"))["rows"]
+    rope = [row for row in rows if "rope" in row["regime"]]
+    assert sorted({row["regime"] for row in rope}) == ["dar latent rope", "dar rope", "full rope",
+                                                        "static rope"]
+    for row in rope:
+        if row["regime"] != "static rope":
+            assert row["held_bytes"] == row["formula_bytes"], row
+    static = {row["T"]: row["ms_per_step"] for row in rope if row["regime"] == "static rope"}
+    for row in rope:   # each against the rotary peer, not the plain one
+        assert row["vs_static"] == pytest.approx(row["ms_per_step"] / static[row["T"]])
+
+
 def test_bench_quality_smoke(corpus, tmp_path):
     _, _, dataset = corpus
     r = call(bench.main, "quality", *TINY_BENCH, "--far_dim", "4", "--dataset", dataset, "--block_size", "32",

@@ -97,11 +97,13 @@ DECODE_HEADERS = [
 
 # The static peers and the full regime each stands for: grouped-query rows against a
 # static cache of as many key/value heads.
-PEERS = {"static": "full", "static gqa": "full gqa"}
+PEERS = {"static": "full", "static gqa": "full gqa", "static rope": "full rope"}
 
 
 def peer_of(name):
-    return "static gqa" if "gqa" in name else "static"
+    if "gqa" in name:
+        return "static gqa"
+    return "static rope" if "rope" in name else "static"
 
 
 def decode_row(r, results):
@@ -144,6 +146,10 @@ def bench_decode(args):
                 for name in ("full", "dar")
             }
         )
+    if args.rope:   # rotary rows; the latent's far keys are rebuilt every step under RoPE
+        rope = {"rope": True, "rope_prefix": "high"}   # the static peer's order of pairs
+        configs.update({f"{name} rope": {**configs[name], **rope}
+                        for name in ("full", "dar", "dar latent")})
     unknown = set(args.masked_prefill) - set(configs)
     if unknown:
         raise SystemExit(
@@ -391,6 +397,9 @@ def add_parsers(sub):
     decode.add_argument("--masked_prefill", nargs="*", default=["dar", "dar latent"],
                         help="regimes whose prompts are also timed on dar.py's masked "
                         "reference path, as 'NAME masked'" + D)
+    decode.add_argument("--rope", action="store_true", help="also rotary rows (full rope, dar "
+                        "rope, dar latent rope, the latent's far keys rebuilt every step) "
+                        "against a static cache that turns its keys")
     decode.add_argument("--num_samples", type=int, default=8,
                         help="batched against sequential sampling" + D)
     decode.add_argument("--sample_tokens", type=int, default=256,
