@@ -528,6 +528,8 @@ def random_case(rng):
               tie_embeddings=rng.random() < 0.7)
     if rng.random() < 0.35:
         kw.update(far_mode="latent", far_latent_dim=rng.randint(1, kw["n_embd"]))
+        if rng.random() < 0.4:   # rotary positions: far keys rebuilt from latents and turned
+            kw.update(rope=True, rope_prefix=rng.choice(["high", "low"]), rope_wpe=rng.random() < 0.3)
     else:
         kw.update(far_k_dim=rng.randint(0, head_dim), far_v_dim=rng.randint(0, head_dim))
         if rng.random() < 0.4:   # rotary positions: whole pairs in the far prefix
