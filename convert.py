@@ -114,13 +114,16 @@ def change_basis(attn, moment, key_order=None):
 
 @torch.no_grad()
 def convert(model, window, far_k_dim=None, far_v_dim=None, calibration=None, far_mode="slice",
-            far_latent_dim=None, pairs="score"):
-    """A copy of a full model in the new tiers, rotated (slice) or given a bottleneck (latent),
-    by PCA on calibration token ids (B, T) if given; rope: its pairs ordered by `pairs`."""
+            far_latent_dim=None, pairs="score", latent_init="inputs"):
+    """A copy of a full model in the new tiers, rotated (slice) or given a bottleneck (latent,
+    by latent_init: see bottleneck), by PCA on calibration token ids (B, T) if given; rope:
+    its pairs ordered by `pairs`."""
     if not model.config.is_full:
         raise ValueError("convert expects a full-dimension model (far dims = head_dim)")
     if pairs not in ("score", "high", "low") or pairs != "score" and not model.config.rope:
         raise ValueError(f"pairs={pairs!r}: 'score', 'high' or 'low', for a rope model")
+    if latent_init not in ("inputs", "keys_values"):
+        raise ValueError(f"latent_init={latent_init!r}: 'inputs' or 'keys_values'")
     config = dataclasses.replace(model.config, window=window, far_k_dim=far_k_dim,
                                  far_v_dim=far_v_dim, far_mode=far_mode,
                                  far_latent_dim=far_latent_dim)
@@ -136,14 +139,28 @@ def convert(model, window, far_k_dim=None, far_v_dim=None, calibration=None, far
             key_order = pair_order(attn, pairs, pair_norms) if config.rope else None
             change_basis(attn, M, key_order)
             continue
-        if M is None:   # the top right singular vectors of the key and value weights
-            key_value_rows = attn.c_attn.weight[attn.n_embd:].double()
-            A = torch.linalg.svd(key_value_rows, full_matrices=False)[2].T
-        else:
-            A = principal_axes(M[:-1, :-1])
-        attn.far_up.weight.copy_(A[:, :config.far_latent_dim])
-        attn.far_down.weight.copy_(A[:, :config.far_latent_dim].T)
+        up, down = bottleneck(attn, M, config.far_latent_dim, latent_init)
+        attn.far_up.weight.copy_(up)
+        attn.far_down.weight.copy_(down)
     return new
+
+
+def bottleneck(attn, moment, r, init):
+    """far_up (C, r) and far_down (r, C) for a layer. Without calibration, a projection on
+    the top r right singular vectors of W = [W_K; W_V]. With the inputs' moment S: "inputs",
+    a projection on their top r principal axes (PCA of x); "keys_values", the rank-r map
+    that best keeps W x: with U the top r axes of W S W^T (the keys' and values' moment),
+    far_down = U^T W and far_up = W^+ U, so W far_up far_down x = U U^T W x."""
+    W = attn.c_attn.weight[attn.n_embd:].double()
+    if moment is None:
+        A = torch.linalg.svd(W, full_matrices=False)[2].T[:, :r]
+        return A, A.T
+    S = moment[:-1, :-1]
+    if init == "inputs":
+        A = principal_axes(S)[:, :r]
+        return A, A.T
+    U = principal_axes(W @ S @ W.T)[:, :r]
+    return torch.linalg.pinv(W) @ U, U.T @ W
 
 
 # ----------------------------------------------------------------------------------------

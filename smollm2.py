@@ -153,13 +153,19 @@ def shakespeare_ids(tokenizer, split, tokens=None):
     return ids[:tokens]
 
 
-def to_dar(model, tokenizer, window, far_k_dim=None, far_v_dim=None, pairs="score", tokens=1024):
-    """SmolLM2 made DAR without training: dar.convert, calibrated (its values' principal
-    axes, its rotary pairs' score) on the first `tokens` tokens of Shakespeare's train
-    split (never the validation split the benchmarks score)."""
+def to_dar(model, tokenizer, window, far_k_dim=None, far_v_dim=None, pairs="score", tokens=1024,
+           latent=None):
+    """SmolLM2 made DAR without training: convert.convert, calibrated (its values' principal
+    axes, its rotary pairs' score; or, with latent=(r, init), the paper's bottleneck of
+    width r by convert.bottleneck's init) on the first `tokens` tokens of Shakespeare's
+    train split (never the validation split the benchmarks score)."""
     ids = shakespeare_ids(tokenizer, "train", min(tokens, model.config.block_size))
     device = next(model.parameters()).device
     calibration = torch.tensor([ids], device=device)
+    if latent is not None:
+        r, init = latent
+        return convert.convert(model, window, calibration=calibration, far_mode="latent",
+                               far_latent_dim=r, latent_init=init).eval()
     return convert.convert(model, window, far_k_dim, far_v_dim, calibration, pairs=pairs).eval()
 
 

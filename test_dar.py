@@ -1302,3 +1302,32 @@ def test_conversion_keeps_the_source_models_dtype_and_device(far_mode):
     devices = {p.device for p in new.parameters()}
     assert dtypes == {torch.bfloat16} and devices == {next(model.parameters()).device}
     assert new(idx)[0].dtype == torch.bfloat16
+
+
+def test_latent_keys_values_init_is_the_best_rank_r_map_of_the_keys_and_values():
+    """latent_init="keys_values": on the calibration inputs x, the keys and values W x are
+    kept with the least squared error a rank-r map can have (the sum of the eigenvalues of
+    W S W^T beyond the top r, computed here), no more than the inputs' PCA keeps; at r = C
+    the model is the original (W has full column rank here)."""
+    model, _ = make_model(window=32, bias=True)
+    idx = torch.randint(0, 13, (4, 32), generator=torch.Generator().manual_seed(9))
+    inputs = calibration_inputs(model, idx)
+    errors = {}
+    for init in ("keys_values", "inputs"):
+        new = convert.convert(model, 3, far_mode="latent", far_latent_dim=4, calibration=idx,
+                              latent_init=init)
+        for layer, (x, block) in enumerate(zip(inputs, new.transformer.h)):
+            x = x.double()
+            W = block.attn.c_attn.weight[16:].double()
+            P = block.attn.far_up.weight.double() @ block.attn.far_down.weight.double()
+            errors[init, layer] = ((x @ W.T - x @ P.T @ W.T) ** 2).sum(-1).mean().item()
+            if init == "keys_values":
+                moment = W @ (x.T @ x / x.size(0)) @ W.T
+                best = torch.linalg.eigvalsh(moment)[:-4].sum().item()   # all but the top 4
+                assert errors[init, layer] == pytest.approx(best, rel=1e-6, abs=1e-9)
+    for layer in range(2):
+        assert errors["keys_values", layer] <= errors["inputs", layer] + 1e-12
+    exact = convert.convert(model, 3, far_mode="latent", far_latent_dim=16, calibration=idx,
+                            latent_init="keys_values")
+    torch.testing.assert_close(exact(idx, targets=idx)[0], model(idx, targets=idx)[0],
+                               atol=1e-4, rtol=1e-4)
