@@ -303,7 +303,7 @@ def test_fine_tune_smollm2_resumes_and_refuses_what_it_cannot_honour(tiny_as_smo
 def test_bench_pretrained_smoke(tmp_path, shakespeare_val):
     import json
     import bench
-    rows = ["full", "uniform k16 v16"]
+    rows = ["full", "uniform k16 v16", "latent keys_values W128 r96"]
     r = call(bench.main, "pretrained", "--contexts", "64", "--tokens", "128", "--calibration", "64", "--only", *rows,
              "--lengths", "24", "--steps", "1", "--warmup", "1", "--prefill_repeats", "1", "--device", "cpu",
              "--out_dir", str(tmp_path))
@@ -314,6 +314,9 @@ def test_bench_pretrained_smoke(tmp_path, shakespeare_val):
     assert points["full"]["kv_mib"] == 30 * 2 * 3 * 64 * 64 * 4 / 2**20   # the formula: 3 kv heads
     assert points["uniform k16 v16"]["kv_ratio"] == 0.25 and points["uniform k16 v16"]["kv_mib"] == 30 * 2 * 3 * 16 * 64 * 4 / 2**20
     assert 1 < points["full"]["perplexity"] < points["uniform k16 v16"]["perplexity"]
+    latent = points["latent keys_values W128 r96"]   # 64 tokens < the window: all local, exact
+    assert latent["kv_ratio"] == (64 * 384 + 64 * 96) / (64 * 384)   # a latent for every token
+    assert latent["perplexity"] == pytest.approx(points["full"]["perplexity"], rel=1e-4)
     assert {(row["T"], row["regime"]) for row in result["decode"]} == {(24, "static"), (24, "dar full")}
     fails_cleanly(call(bench.main, "pretrained", "--only", "dar W3"), "--only dar W3: not a row")
 

@@ -46,30 +46,30 @@ def perplexity(model, ids, context, windows, ctx):
 
 
 def pretrained_rows(head_dim):
-    """name -> (family, window, far_k_dim, far_v_dim, pair order) of bench.py pretrained: the
-    full model, sliding windows, DAR by each pair order, its far values 16 / 32 / 64 (64:
-    thin keys, far keys only), its far keys, and uniform reduction (window 0)."""
+    """name -> (family, window, far_k_dim, far_v_dim, pair order, latent) of bench.py
+    pretrained: the full model, sliding windows, DAR by each pair order, its far values 16 /
+    32 / 64 (64: thin keys, far keys only), its far keys, uniform reduction (window 0), and
+    the paper's bottleneck (latent: (r, init), convert.bottleneck's two initialisations)."""
     d = head_dim
-    rows = {"full": ("full attention", None, d, d, None)}
+    rows = {"full": ("full attention", None, d, d, None, None)}
     for W in (256, 512, 704, 1024):
-        rows[f"sliding {W}"] = ("sliding window", W, 0, 0, "score")
+        rows[f"sliding {W}"] = ("sliding window", W, 0, 0, "score", None)
     for pairs in ("score", "low"):
         for W in (64, 128, 256):
-            rows[f"dar {pairs} W{W} k16 v16"] = (
-                f"DAR k 16 + v 16, pairs by {pairs}",
-                W,
-                16,
-                16,
-                pairs,
-            )
-    rows["dar high W64 k16 v16"] = ("DAR k 16 + v 16, pairs by high", 64, 16, 16, "high")
+            family = f"DAR k 16 + v 16, pairs by {pairs}"
+            rows[f"dar {pairs} W{W} k16 v16"] = (family, W, 16, 16, pairs, None)
+    rows["dar high W64 k16 v16"] = ("DAR k 16 + v 16, pairs by high", 64, 16, 16, "high", None)
     for k, v in ((16, 32), (16, 64), (8, 64), (8, 16), (32, 32)):
-        family = (
-            "thin keys (W 64, values whole)" if v == d else "DAR W 64, other far dims, by score"
-        )
-        rows[f"dar score W64 k{k} v{v}"] = (family, 64, k, v, "score")
+        family = "DAR W 64, other far dims, by score"
+        if v == d:
+            family = "thin keys (W 64, values whole)"
+        rows[f"dar score W64 k{k} v{v}"] = (family, 64, k, v, "score", None)
     for k in (16, 32):
-        rows[f"uniform k{k} v{k}"] = ("uniform (window 0)", 0, k, k, "score")
+        rows[f"uniform k{k} v{k}"] = ("uniform (window 0)", 0, k, k, "score", None)
+    for init in ("inputs", "keys_values"):
+        for r in (96, 144):
+            family = f"latent W 128, bottleneck by {init}"
+            rows[f"latent {init} W128 r{r}"] = (family, 128, None, None, None, (r, init))
     return rows
 
 
@@ -90,19 +90,19 @@ def bench_pretrained(args):
     if unknown:
         sys.exit(f"error: --only {' '.join(unknown)}: not a row (choices: {', '.join(rows)})")
     table, results = [], {"perplexity": [], "decode": [], "prefill": []}
-    for name, (family, W, k, v, pairs) in rows.items():
+    for name, (family, W, k, v, pairs, latent) in rows.items():
         if args.only and name not in args.only:
             continue
         t0 = time.time()
-        dar_model = (
-            model
-            if W is None
-            else smollm2.to_dar(model, tokenizer, W, k, v, pairs, args.calibration)
-        )
+        dar_model = model
+        if W is not None:
+            dar_model = smollm2.to_dar(model, tokenizer, W, k, v, pairs, args.calibration, latent)
         for T in args.contexts:
             windows = min(len(ids) // (T + 1), max(1, args.tokens // T))
             ppl = perplexity(dar_model, ids, T, windows, ctx)
             regime = common.sliced(T if W is None else W, k, v)
+            if latent is not None:   # r numbers a token for all heads, every token (kv_ratio)
+                regime = common.latent(W, latent[0])
             ratio = common.kv_ratio(
                 T,
                 {**regime, "n_kv_head": cfg.n_kv_head},
@@ -119,6 +119,7 @@ def bench_pretrained(args):
                     "far_k_dim": k,
                     "far_v_dim": v,
                     "pairs": pairs,
+                    "latent": latent,
                     "perplexity": ppl,
                     "tokens": windows * T,
                     "kv_ratio": ratio,
@@ -166,12 +167,9 @@ def plot_pretrained(points, path):
         for p in points:
             if p["T"] == T:
                 families.setdefault(p["family"], []).append(p)
-        full = min(
-            p["perplexity"]
-            for p in points
-            if p["T"] == T and p["window"] >= T and p["far_k_dim"] > 0
-        )
-        top = 3 * full
+        here = [p for p in points if p["T"] == T]
+        full = [p["perplexity"] for p in here if p["name"] == "full"]
+        top = 3 * full[0] if full else max(p["perplexity"] for p in here)   # (--only: no full)
         for i, (family, members) in enumerate(families.items()):
             members.sort(key=lambda p: p["kv_ratio"])
             x = [p["kv_ratio"] for p in members]
@@ -191,7 +189,8 @@ def plot_pretrained(points, path):
             for p in clipped:
                 ax.plot(p["kv_ratio"], top, marker="^", markersize=10, color=f"C{i}")
         ax.set(title=f"SmolLM2-135M, context {T}", xlabel="KV bytes held, vs full attention",
-               ylabel="perplexity, Shakespeare val", ylim=(0.9 * full, 1.05 * top))
+               ylabel="perplexity, Shakespeare val",
+               ylim=(0.9 * min(p["perplexity"] for p in here), 1.05 * top))
         ax.grid(alpha=0.3)
     axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     fig.tight_layout()
