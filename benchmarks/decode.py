@@ -360,7 +360,7 @@ def plot_decode(results, prefill, configs, path):
         0.5,
         0.01,
         "the peer: a plain preallocated full cache (as gpt-fast and nanochat keep one) with"
-        " nanoGPT's forward, written in bench.py apart from dar.py; lower is better",
+        " nanoGPT's forward, written in benchmarks/decode.py apart from dar.py; lower is better",
         ha="center",
         fontsize=8,
     )
