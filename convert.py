@@ -207,5 +207,6 @@ def for_training(cfg, given, tokenizer, train_tokens, device):
         starts = rng.integers(0, len(train_tokens) - n - 1, size=cfg.calibration_seqs)
         windows = np.stack([train_tokens[i:i + n] for i in starts]).astype(np.int64)
         calibration = torch.from_numpy(windows).to(device)
-    model = convert(full, cfg.window, calibration=calibration, pairs=cfg.pairs, **cfg.far_tier())
+    model = convert(full, cfg.window, calibration=calibration, pairs=cfg.pairs,
+                    latent_init=cfg.latent_init, **cfg.far_tier())
     return model.train()

@@ -80,6 +80,9 @@ def settings(config_class, given, device, resumed=None):
     if cfg.init_from == "convert" and not cfg.convert_from:
         raise ValueError("--init_from convert needs --convert_from PATH: a full-dimension "
                          "checkpoint, ours or nanoGPT's")
+    if cfg.stage1_iters > 0 and cfg.far_mode != "latent":
+        raise ValueError("--stage1_iters trains the latent bottleneck alone: it needs --far_mode "
+                         "latent")
     other_mode = ("far_k_dim", "far_v_dim") if cfg.far_mode == "latent" else ("far_latent_dim",)
     for name in other_mode:
         if name in given:

@@ -217,22 +217,24 @@ def for_training(cfg, given, tokenizer, device):
         raise ValueError("--init_from smollm2 needs a dataset made with SmolLM2's tokenizer: "
                          "python data/prepare.py --tokenizer smollm2 (got "
                          f"{tokenizer.meta['tokenizer']!r})")
-    keeps = [name for name in convert.KEEPS + ("far_mode", "far_latent_dim")
-             if name != "block_size" and name in given]
+    keeps = [name for name in convert.KEEPS if name != "block_size" and name in given]
     if keeps:
-        raise ValueError(
-            f"{' '.join('--' + n for n in keeps)}: --init_from smollm2 keeps the "
-            "file's architecture (a rotary model's far tier is a slice of whole pairs)"
-        )
-    tiers = [name for name in ("far_k_dim", "far_v_dim", "pairs") if name in given]
+        raise ValueError(f"{' '.join('--' + n for n in keeps)}: --init_from smollm2 keeps the "
+                         "file's architecture")
+    tiers = [name for name in ("far_k_dim", "far_v_dim", "pairs", "far_mode", "far_latent_dim")
+             if name in given]
     if tiers and "window" not in given:
         raise ValueError(f"--{tiers[0]}: --init_from smollm2 is full attention unless --window "
                          "makes it DAR")
     model = from_gguf(block_size=cfg.block_size, dropout=cfg.dropout, device=device)
+    latent = None
+    if cfg.far_mode == "latent":   # the paper's bottleneck, r = n_embd / 4 unless given
+        latent = (cfg.far_latent_dim or model.config.n_embd // 4, cfg.latent_init)
     if "window" in given:
         model = to_dar(model, tokenizer.gguf, cfg.window, given.get("far_k_dim"),
-                       given.get("far_v_dim"), cfg.pairs)
-    for name in convert.KEEPS + ("window", "far_k_dim", "far_v_dim"):
+                       given.get("far_v_dim"), cfg.pairs, latent=latent)
+    names = ("window", "far_mode", "far_k_dim", "far_v_dim", "far_latent_dim")
+    for name in convert.KEEPS + names:
         setattr(cfg, name, getattr(model.config, name))
     return model.train()
 

@@ -1178,3 +1178,31 @@ def test_a_checkpoint_is_written_under_a_temporary_name_of_its_process(tmp_path,
     checkpoint.save({"x": torch.arange(3)}, path)
     assert renames == [(f"{path}.{os.getpid()}.tmp", path)]
     assert checkpoint.read(path)["x"].tolist() == [0, 1, 2]
+
+
+def test_stage1_trains_the_latent_bottleneck_alone_then_everything(corpus, tmp_path):
+    """The paper's fine-tune recipe: --stage1_iters iterations change far_down and far_up
+    only (at --stage1_lr), the iterations after them every weight; refused without a latent
+    far tier."""
+    _, _, dataset = corpus
+    i = TINY.index("--far_k_dim")
+    latent = TINY[:i] + TINY[i + 4:] + ["--far_mode", "latent", "--far_latent_dim", "4"]
+    weights = {}
+    for iters in (0, 3, 5):
+        out = tmp_path / f"iters_{iters}"
+        r = call(train.main, "--dataset", dataset, *latent, "--eval_interval", "100",
+                 "--sample_tokens", "0", "--stage1_iters", "3", "--stage1_lr", "1e-2",
+                 "--max_iters", str(iters), "--out_dir", str(out))
+        assert r.returncode == 0, r.stderr
+        weights[iters] = torch.load(out / "ckpt_last.pt", weights_only=True)["model"]
+    def changed(a, b):
+        return {n for n in weights[a] if not torch.equal(weights[a][n], weights[b][n])}
+    stage1 = changed(0, 3)
+    assert stage1 == {n for n in weights[0] if ".far_" in n}, stage1
+    assert any(".far_" not in n for n in changed(3, 5))
+    cfg = train.TrainConfig(stage1_iters=3, stage1_lr=1e-2)   # stage 1's rate, then the schedule
+    assert [train.lr_at(it, cfg) for it in (0, 2)] == [1e-2, 1e-2]
+    assert train.lr_at(3, cfg) == train.lr_at(3, train.TrainConfig())
+    fails_cleanly(call(train.main, "--dataset", dataset, *TINY, "--stage1_iters", "2",
+                       "--out_dir", str(tmp_path / "slice")),
+                  "--stage1_iters trains the latent bottleneck alone")

@@ -293,6 +293,14 @@ def test_fine_tune_smollm2_resumes_and_refuses_what_it_cannot_honour(tiny_as_smo
                   "--far_k_dim: --init_from smollm2 is full attention unless --window makes it DAR")
     fails_cleanly(call(train.main, "--init_from", "smollm2", *common, "--n_layer", "2", "--overwrite"),
                   "--n_layer: --init_from smollm2 keeps the file's architecture")
+    latent = ["--window", "8", "--far_mode", "latent", "--far_latent_dim", "8", "--latent_init",
+              "keys_values", "--stage1_iters", "1", "--max_iters", "2", "--overwrite"]
+    r = call(train.main, "--init_from", "smollm2", *common, *latent)   # the paper's recipe
+    assert r.returncode == 0 and "far_mode latent, far_latent_dim 8" in r.stdout, r.stderr
+    ckpt = torch.load(tmp_path / "out" / "ckpt_last.pt", weights_only=True)
+    assert ckpt["model_config"]["far_mode"] == "latent" and ckpt["model_config"]["rope"]
+    fails_cleanly(call(train.main, "--init_from", "smollm2", *common, "--far_mode", "latent",
+                       "--overwrite"), "--far_mode: --init_from smollm2 is full attention unless")
     char_data = tmp_path / "chars"
     call(prepare.main, "--input", str(text), "--data_dir", str(char_data))
     fails_cleanly(call(train.main, "--init_from", "smollm2", "--dataset", str(char_data / "text_char"),

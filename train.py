@@ -71,6 +71,9 @@ class TrainConfig:
     far_k_dim: int = setting(8, "slice: key coordinates kept beyond the window")
     far_v_dim: int = setting(8, "slice: value coordinates kept beyond the window")
     far_latent_dim: int = setting(0, "latent: the bottleneck width r; 0: n_embd / 4")
+    latent_init: Literal["inputs", "keys_values"] = setting(
+        "inputs", "convert or smollm2 to latent: the bottleneck keeps the inputs' top axes, or "
+        "best keeps the keys and values")
     kv_shift: bool = setting(False, "KV shifting: keys and values mixed with the previous token's")
     rope: bool = setting(False, "rotary positions instead of learned position embeddings")
     rope_wpe: bool = setting(False, "rope: keep the learned position embeddings as well")
@@ -89,6 +92,9 @@ class TrainConfig:
     beta1: float = setting(0.9, "AdamW beta1: how slowly the mean gradient forgets")
     beta2: float = setting(0.99, "AdamW beta2: how slowly the mean squared gradient forgets")
     grad_clip: float = setting(1.0, "clip the gradient norm to this; 0: off")
+    stage1_iters: int = setting(0, "the paper's recipe for a converted model: first train only "
+                                "the latent bottleneck for this many iterations, then everything")
+    stage1_lr: float = setting(3e-4, "the constant learning rate of those first iterations")
     # evaluation, checkpoints, logging, the closing sample
     eval_interval: int = setting(250, "evaluate and save every this many iterations")
     eval_iters: int = setting(20, "batches per split in an evaluation")
@@ -169,7 +175,10 @@ def configure_optimizer(model, cfg, device):
 
 
 def lr_at(it, cfg):
-    """Linear warm-up, then cosine decay to min_lr at lr_decay_iters (nanoGPT's schedule)."""
+    """Linear warm-up, then cosine decay to min_lr at lr_decay_iters (nanoGPT's schedule);
+    stage1_lr while the bottleneck trains alone."""
+    if it < cfg.stage1_iters:
+        return cfg.stage1_lr
     decay_iters = cfg.lr_decay_iters or cfg.max_iters
     if it < cfg.warmup_iters:
         return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
@@ -305,6 +314,10 @@ def train(run, data, device, dtype, ddp, stop):
             return False
         for group in run.optimizer.param_groups:
             group["lr"] = lr_at(it, cfg)
+        in_stage1 = it < cfg.stage1_iters
+        if in_stage1 or it == cfg.stage1_iters:   # what trains: the bottleneck alone, then all
+            for name, p in run.model.named_parameters():
+                p.requires_grad_(not in_stage1 or ".far_" in name)
         batches = runs.iteration_batches(get_batch, data, cfg, it, rank, world, device)
         loss = step(run, train_model, batches, scaler, ddp)
         run.iter_num = it + 1
@@ -323,6 +336,8 @@ def setup(given, device, ddp, master):
     train_config = None if resumed is None else resumed["train_config"]
     cfg = runs.settings(TrainConfig, given, device, train_config)
     cfg.init_from = given.get("init_from", "scratch")
+    if ddp and cfg.stage1_iters > 0:   # DDP reduces the gradients of what trains at its start
+        raise ValueError("--stage1_iters is not supported with DDP")
     if ddp:
         share = runs.ddp_share(cfg, dist.get_world_size())
         if master:
