@@ -341,7 +341,8 @@ def test_bench_finetune_smoke(tiny_as_smollm2, tmp_path):
     assert r.returncode == 0, r.stderr
     result = json.load(open(tmp_path / "bench" / "finetune.json"))
     full, dar_curve = result["curves"]["full"][0], result["curves"]["dar"][0]
-    assert [it for it, _ in full] == [it for it, _ in dar_curve] == [0, 1, 2]
-    assert dar_curve[0][1] != full[0][1]   # the conversion changed the model; the same batches scored
+    latent = result["curves"]["latent"][0]   # the paper's bottleneck: stage 1, then stage 2
+    assert [it for it, _ in full] == [it for it, _ in dar_curve] == [it for it, _ in latent] == [0, 1, 2]
+    assert dar_curve[0][1] != full[0][1] != latent[0][1]   # converted; the same batches scored
     assert not list((tmp_path / "bench" / "finetune" / "dar_seed_1337").glob("ckpt_*.pt"))
     fails_cleanly(call(bench.main, "finetune", "--window", "64", "--block_size", "64"), "DAR would be full attention")

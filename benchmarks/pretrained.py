@@ -21,9 +21,8 @@ from benchmarks import common
 from benchmarks import gpu
 
 
-FINETUNE_QUICK = dict(
-    max_iters=2, eval_interval=1, eval_iters=1, seeds=1, block_size=64, batch_size=1, window=16
-)
+FINETUNE_QUICK = dict(max_iters=2, eval_interval=1, eval_iters=1, seeds=1, block_size=64,
+                      batch_size=1, window=16, latent_dim=8, stage1_iters=1)
 
 
 @torch.no_grad()
@@ -242,10 +241,14 @@ def bench_finetune(args):
         args.device,
         "--overwrite",
     ]
+    latent = ["--window", args.window, "--far_mode", "latent", "--far_latent_dim",
+              args.latent_dim, "--latent_init", args.latent_init, "--stage1_iters",
+              args.stage1_iters, "--stage1_lr", args.stage1_lr]
+    runs = [("full", []), ("dar", tiers)] + [("latent", latent)] * (args.latent_dim > 0)
     seeds = [args.seed + i for i in range(args.seeds)]
-    curves = {"full": [], "dar": []}   # per seed: [(iter, val perplexity), ...]
+    curves = {name: [] for name, _ in runs}   # per seed: [(iter, val perplexity), ...]
     for seed in seeds:
-        for name, extra in (("full", []), ("dar", tiers)):
+        for name, extra in runs:
             out_dir = os.path.join(args.out_dir, "finetune", f"{name}_seed_{seed}")
             print(f"\n=== {out_dir} ===", flush=True)
             train.main([str(a) for a in schedule + extra + ["--seed", seed, "--out_dir", out_dir]])
@@ -260,36 +263,21 @@ def bench_finetune(args):
     rows, closed = [], []
     for i, seed in enumerate(seeds):
         full = curves["full"][i]
-        dar_curve = curves["dar"][i]
-        before = dar_curve[0][1] / full[0][1] - 1
-        after = dar_curve[-1][1] / full[-1][1] - 1
-        closed.append(1 - after / before if before > 0.001 else None)   # (no gap: nothing to close)
-        rows.append(
-            [
-                seed,
-                f"{full[0][1]:.2f}",
-                f"{dar_curve[0][1]:.2f}",
-                f"{100 * before:+.1f}%",
-                f"{full[-1][1]:.2f}",
-                f"{dar_curve[-1][1]:.2f}",
-                f"{100 * after:+.1f}%",
-                "-" if closed[-1] is None else f"{100 * closed[-1]:.0f}%",
-            ]
-        )
+        for name in curves:
+            if name == "full":
+                continue
+            dar_curve = curves[name][i]
+            before = dar_curve[0][1] / full[0][1] - 1
+            after = dar_curve[-1][1] / full[-1][1] - 1
+            closed.append(1 - after / before if before > 0.001 else None)   # (no gap: none)
+            rows.append([seed, name, f"{full[0][1]:.2f}", f"{dar_curve[0][1]:.2f}",
+                         f"{100 * before:+.1f}%", f"{full[-1][1]:.2f}", f"{dar_curve[-1][1]:.2f}",
+                         f"{100 * after:+.1f}%",
+                         "-" if closed[-1] is None else f"{100 * closed[-1]:.0f}%"])
     n = args.max_iters
-    table = common.markdown(
-        [
-            "seed",
-            "full, before",
-            "DAR, before",
-            "gap",
-            f"full after {n} iters",
-            f"DAR after {n} iters",
-            "gap",
-            "gap closed",
-        ],
-        rows,
-    )
+    headers = ["seed", "DAR", "full, before", "DAR, before", "gap", f"full after {n} iters",
+               f"DAR after {n} iters", "gap", "gap closed"]
+    table = common.markdown(headers, rows)
     curve_rows = [
         [it] + [f"{curves[name][s][j][1]:.2f}" for s in range(len(seeds)) for name in curves]
         for j, (it, _) in enumerate(curves["full"][0])
@@ -308,13 +296,15 @@ def plot_finetune(curves, seeds, args, path):
     if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7.6, 4.2))
+    labels = {"full": "full attention",
+              "dar": f"DAR slice, window {args.window}, k {args.far_k_dim} + v {args.far_v_dim}",
+              "latent": f"DAR latent (the paper's), window {args.window}, r {args.latent_dim}, "
+                        f"stage 1 {args.stage1_iters} iters"}
+    styles = {"full": "-", "dar": "--", "latent": ":"}
     for s, seed in enumerate(seeds):
-        for name, style in (("full", "-"), ("dar", "--")):
-            label = (
-                "full attention"
-                if name == "full"
-                else f"DAR, window {args.window}, k {args.far_k_dim} + v {args.far_v_dim}"
-            )
+        for name in curves:
+            style = styles[name]
+            label = labels[name]
             ax.plot(
                 *zip(*curves[name][s]),
                 linestyle=style,
@@ -359,6 +349,14 @@ def add_parsers(sub):
     finetune.set_defaults(run=bench_finetune)
     for flag, default, meaning in FINETUNE_FLAGS:
         finetune.add_argument(f"--{flag}", type=int, default=default, help=meaning + D)
+    finetune.add_argument("--latent_dim", type=int, default=96, help="the paper's bottleneck "
+                          "rows: width r, stage 1 then stage 2 (0: none)" + D)
+    finetune.add_argument("--latent_init", default="keys_values", choices=["inputs", "keys_values"],
+                          help="how the bottleneck starts (convert.bottleneck)" + D)
+    finetune.add_argument("--stage1_iters", type=int, default=10, help="the latent rows: "
+                          "iterations of the bottleneck alone, of --max_iters" + D)
+    finetune.add_argument("--stage1_lr", type=float, default=3e-4,
+                          help="their constant learning rate (the paper's stage 1)" + D)
     finetune.add_argument("--pairs", default="score", choices=["score", "high", "low"],
                           help="which rotary pairs the far keys keep (smollm2.to_dar)" + D)
     finetune.add_argument("--learning_rate", type=float, default=3e-5,
