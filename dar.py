@@ -503,8 +503,8 @@ class CausalSelfAttention(nn.Module):
         far_sum = torch.bmm(far_att.flatten(1, 2), c).view(B, Hkv, g, -1)   # (B, Hkv, g, r)
         value_map = self.latent_maps(cache)[1]
         y = att[..., T - m:] @ cache.ring_v[:, :, :m] + far_sum @ value_map.mT
-        if self.c_attn.bias is not None:
-            value_bias = self.c_attn.bias[-value_map.size(0) * self.head_dim:]
+        if self.c_attn.bias is not None:   # c_attn's bias: q's, then k's, then v's
+            value_bias = self.c_attn.bias.split(self.qkv_sizes)[2]
             y = y + far_att.sum(-1, keepdim=True) * value_bias.view(Hkv, 1, -1)
         return y
 
@@ -524,8 +524,8 @@ class CausalSelfAttention(nn.Module):
         B, Hkv, g, _ = q.shape
         key_map = self.latent_maps(cache)[0]
         key_bias = None
-        if self.c_attn.bias is not None:
-            key_bias = self.c_attn.bias[self.n_embd:self.n_embd + Hkv * self.head_dim]
+        if self.c_attn.bias is not None:   # c_attn's bias: q's, then k's, then v's
+            key_bias = self.c_attn.bias.split(self.qkv_sizes)[1]
         if self.rope:
             far_k = F.linear(c, key_map.flatten(0, 1), key_bias)   # (B, n, Hkv * d)
             far_k = far_k.unflatten(-1, (Hkv, self.head_dim)).transpose(1, 2)

@@ -281,6 +281,12 @@ def step(run, train_model, batches, scaler, ddp):
     return loss_sum
 
 
+def train_only_bottleneck(model, only):
+    """Gradients for the latent bottleneck (far_down, far_up) alone, or for every weight."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(not only or ".far_" in name)
+
+
 def train(run, data, device, dtype, ddp, stop):
     """Iterations run.iter_num .. max_iters; the master evaluates and saves every
     eval_interval iterations and at the end, and saves ckpt_last.pt every ckpt_interval.
@@ -288,6 +294,8 @@ def train(run, data, device, dtype, ddp, stop):
     cfg = run.cfg
     rank = dist.get_rank() if ddp else 0
     world = dist.get_world_size() if ddp else 1
+    if run.iter_num < cfg.stage1_iters:   # the paper's stage 1: the bottleneck alone trains
+        train_only_bottleneck(run.model, True)
     train_model = run.model
     if cfg.compile:
         train_model = torch.compile(train_model, backend=cfg.compile_backend)
@@ -314,10 +322,8 @@ def train(run, data, device, dtype, ddp, stop):
             return False
         for group in run.optimizer.param_groups:
             group["lr"] = lr_at(it, cfg)
-        in_stage1 = it < cfg.stage1_iters
-        if in_stage1 or it == cfg.stage1_iters:   # what trains: the bottleneck alone, then all
-            for name, p in run.model.named_parameters():
-                p.requires_grad_(not in_stage1 or ".far_" in name)
+        if cfg.stage1_iters > 0 and it == cfg.stage1_iters:   # stage 2: everything trains
+            train_only_bottleneck(run.model, False)
         batches = runs.iteration_batches(get_batch, data, cfg, it, rank, world, device)
         loss = step(run, train_model, batches, scaler, ddp)
         run.iter_num = it + 1
