@@ -234,9 +234,13 @@ def add_model_flags(s, sizes):
     for flag, default in zip(names, sizes):
         if default is not None:   # decode has --batch_sizes, capacity --dims instead
             s.add_argument(f"--{flag}", type=int, default=default, help=MEANING[flag] + D)
+    add_device_flags(s)
+    s.add_argument("--vocab_size", type=int, default=65, help=MEANING["vocab_size"] + D)
+
+
+def add_device_flags(s):
     s.add_argument("--device", default="auto", help=MEANING["device"] + D)
     s.add_argument("--out_dir", default="bench_out", help=MEANING["out_dir"] + D)
-    s.add_argument("--vocab_size", type=int, default=65, help=MEANING["vocab_size"] + D)
 
 
 def add_training_flags(s, block, iters, interval, warmup, lr):

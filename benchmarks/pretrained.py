@@ -343,8 +343,7 @@ def add_parsers(sub):
     pretrained.add_argument("--warmup", type=int, default=3, help="untimed steps before them" + D)
     pretrained.add_argument("--prefill_repeats", type=int, default=3,
                             help="timed prefills per cache" + D)
-    pretrained.add_argument("--device", default="auto", help=common.MEANING["device"] + D)
-    pretrained.add_argument("--out_dir", default="bench_out", help=common.MEANING["out_dir"] + D)
+    common.add_device_flags(pretrained)
     finetune = sub.add_parser("finetune", help=common.summary(bench_finetune))
     finetune.set_defaults(run=bench_finetune)
     for flag, default, meaning in FINETUNE_FLAGS:
@@ -365,8 +364,7 @@ def add_parsers(sub):
                           help="a dataset prepared with --tokenizer smollm2" + D)
     finetune.add_argument("--quick", action="store_true",
                           help=f"a tiny run, to try it out: {FINETUNE_QUICK}")
-    finetune.add_argument("--device", default="auto", help=common.MEANING["device"] + D)
-    finetune.add_argument("--out_dir", default="bench_out", help=common.MEANING["out_dir"] + D)
+    common.add_device_flags(finetune)
 
 
 FINETUNE_FLAGS = [
