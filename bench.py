@@ -7,6 +7,8 @@ table and writes its raw numbers as JSON to --out_dir.
                               contexts up to 4096; KV bytes; batched against sequential samples
     python bench.py quality   val loss of each regime trained identically on Shakespeare, and
                               a trained full model converted (SVD or PCA), zero-shot and fine-tuned
+    python bench.py distance  the paper's table where distant tokens matter (Python source): full,
+                              DAR, uniform and sliding windows over seeds, loss against KV bytes
     python bench.py recall    associative recall accuracy by distance, per regime and as the
                               number of key-value pairs grows (data/recall.py)
     python bench.py capacity  recall beyond the window as far keys, far values or both shrink,
@@ -21,16 +23,17 @@ Sizes are flags, so the same commands scale up on a GPU; `--quick` runs quality,
 capacity in minutes. With matplotlib installed (an optional extra) decode, quality and
 capacity also draw their pictures into --out_dir.
 Times are medians of several runs after warm-up, the variants alternated in one process.
-Each family lives in benchmarks/: speed.py (speed, tiers), decode.py, quality.py, recall.py
-(recall, attention), capacity.py, pretrained.py (pretrained, finetune), gpu.py.
+Each family lives in benchmarks/: speed.py (speed, tiers), decode.py, quality.py,
+distance.py, recall.py (recall, attention), capacity.py, pretrained.py (pretrained,
+finetune), gpu.py.
 """
 
 import argparse
 
 import prefill
-from benchmarks import capacity, decode, gpu, pretrained, quality, recall, speed
+from benchmarks import capacity, decode, distance, gpu, pretrained, quality, recall, speed
 
-FAMILIES = (speed, decode, quality, recall, capacity, pretrained, gpu)
+FAMILIES = (speed, decode, quality, distance, recall, capacity, pretrained, gpu)
 
 
 def main(argv=None):

@@ -786,6 +786,35 @@ def test_bench_quality_smoke(corpus, tmp_path):
     fails_cleanly(call(bench.main, "quality", "--only", "dar_latent"), "--only ['dar_latent']")
 
 
+def test_bench_distance_smoke(corpus, tmp_path):
+    _, _, dataset = corpus
+    r = call(bench.main, "distance", *TINY_BENCH, "--dataset", dataset, "--block_size", "32",
+             "--batch_size", "4", "--max_iters", "2", "--eval_interval", "2", "--eval_iters", "1",
+             "--warmup_iters", "1", "--seeds", "2", "--out_dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    result = json.load(open(tmp_path / "distance.json"))
+    # DAR's bytes at T 32: a window of 4 whole keys and values (2 * 16 numbers) and 28 far
+    # tokens of 2 heads * (2 + 2) numbers, against 32 * 32: 0.34375, a sliding window of 11
+    rows = ["full", "dar", "dar latent", "uniform", "uniform latent", "sliding 4", "sliding 11"]
+    names = [f"{row} {positions}" for positions in ("rope", "wpe") for row in rows]
+    assert list(result["final_val_loss"]) == names and result["seeds"] == [1337, 1338]
+    assert result["kv_ratio"]["dar wpe"] == pytest.approx((4 * 32 + 28 * 8) / (32 * 32))
+    assert result["kv_ratio"]["sliding 11 rope"] == pytest.approx(11 / 32)
+    assert result["regimes"]["dar latent rope"] == dict(window=4, far_mode="latent",
+                                                        far_latent_dim=8, rope=True)
+    table = {row.split("|")[1].strip() + " " + row.split("|")[2].strip(): row.split("|")[3:]
+             for row in table_rows(r.stdout)}
+    assert list(table) == names
+    for name in names[1:7]:   # each seed against full attention's on the same seed
+        losses = result["final_val_loss"][name]
+        full = result["final_val_loss"]["full rope"]
+        ratios = sorted(loss / base - 1 for loss, base in zip(losses, full))
+        assert table[name][1].strip() == f"{100 * (ratios[0] + ratios[1]) / 2:+.2f}%"
+        assert table[name][2].strip() == f"{sum(x <= 0.01 for x in ratios)} of 2"
+    assert (tmp_path / "distance.png").exists() or "matplotlib is not installed" in r.stdout
+    fails_cleanly(call(bench.main, "distance", "--only", "dar"), "--only ['dar']")
+
+
 # ----------------------------------------------------------------------------------------
 # Associative recall
 
