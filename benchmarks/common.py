@@ -227,15 +227,17 @@ MEANING = dict(
 D = " (default: %(default)s)"
 
 
-def add_model_flags(s, sizes):
+def add_model_flags(s, sizes, random_tokens=False):
     """The model sizes a family times or trains ((n_layer, n_head, n_embd, batch_size,
-    window, far_dim): None leaves a flag out), and --device, --out_dir, --vocab_size."""
+    window, far_dim): None leaves a flag out), and --device, --out_dir; --vocab_size for the
+    families that time random tokens (the others take the dataset's)."""
     names = ("n_layer", "n_head", "n_embd", "batch_size", "window", "far_dim")
     for flag, default in zip(names, sizes):
         if default is not None:   # decode has --batch_sizes, capacity --dims instead
             s.add_argument(f"--{flag}", type=int, default=default, help=MEANING[flag] + D)
     add_device_flags(s)
-    s.add_argument("--vocab_size", type=int, default=65, help=MEANING["vocab_size"] + D)
+    if random_tokens:
+        s.add_argument("--vocab_size", type=int, default=65, help=MEANING["vocab_size"] + D)
 
 
 def add_device_flags(s):

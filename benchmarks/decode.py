@@ -376,7 +376,7 @@ def add_parsers(sub):
     D = common.D
     decode = sub.add_parser("decode", help=common.summary(bench_decode))
     decode.set_defaults(run=bench_decode)
-    common.add_model_flags(decode, (4, 4, 256, None, 128, 16))
+    common.add_model_flags(decode, (4, 4, 256, None, 128, 16), random_tokens=True)
     decode.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8],
                         help="batch sizes of the decode rows" + D)
     decode.add_argument("--kv_heads", type=int, default=1, help="key/value heads of the "

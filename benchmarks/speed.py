@@ -171,7 +171,7 @@ def add_parsers(sub):
     D = common.D
     speed = sub.add_parser("speed", help=common.summary(bench_speed))
     speed.set_defaults(run=bench_speed)
-    common.add_model_flags(speed, (4, 4, 128, 16, 64, 8))
+    common.add_model_flags(speed, (4, 4, 128, 16, 64, 8), random_tokens=True)
     speed.add_argument("--block_size", type=int, default=256,
                        help="the training step's sequence length" + D)
     speed.add_argument("--repeats", type=int, default=7,
