@@ -85,8 +85,9 @@ def table_row(name, final, kv):
 
 
 def plot_distance(final, kv, path):
-    """Final val loss against KV bytes, one dot a seed: a colour a row, filled for rotary
-    positions and hollow for learned ones."""
+    """Each seed's final val loss against full attention's on the same seed and positions
+    (the seeds' absolute losses differ more than the rows do), against KV bytes: a colour a
+    row, filled for rotary positions and hollow for learned ones. Only with the full rows."""
     plt = common.pyplot()
     if plt is None:
         return
@@ -94,13 +95,17 @@ def plot_distance(final, kv, path):
     colors = {}
     for name, losses in final.items():
         regime, positions = name.rsplit(" ", 1)
+        full = final.get(f"full {positions}")
+        if full is None:
+            continue
         color = colors.setdefault(regime, f"C{len(colors)}")
         face = color if positions == "rope" else "none"
-        ax.scatter([kv[name]] * len(losses), losses, s=28, edgecolors=color, facecolors=face,
+        vs_full = [100 * (loss / base - 1) for loss, base in zip(losses, full)]
+        ax.scatter([kv[name]] * len(losses), vs_full, s=28, edgecolors=color, facecolors=face,
                    label=name)
-    ax.set(title="final validation loss against KV bytes, one dot a seed (lower is better)",
+    ax.set(title="final validation loss against full attention's, one dot a seed",
            xlabel="KV cache bytes at block_size, relative to full attention",
-           ylabel="val loss")
+           ylabel="% above full attention (lower is better)")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8,
               title="filled: rope\nhollow: learned positions", title_fontsize=8)
