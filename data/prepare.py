@@ -164,8 +164,10 @@ def fetch_networkx(cache_dir, val_fraction):
                        key=lambda m: m.name)
         for i, member in enumerate(files):
             text = tar.extractfile(member).read().decode("utf-8")
-            to_val = int((i + 1) * val_fraction) > int(i * val_fraction)
-            (val if to_val else train).append(text)
+            if int((i + 1) * val_fraction) > int(i * val_fraction):
+                val.append(text)
+            else:
+                train.append(text)
     return "".join(train), "".join(val)
 
 
