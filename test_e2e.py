@@ -812,6 +812,12 @@ def test_bench_distance_smoke(corpus, tmp_path):
         assert table[name][1].strip() == f"{100 * (ratios[0] + ratios[1]) / 2:+.2f}%"
         assert table[name][2].strip() == f"{sum(x <= 0.01 for x in ratios)} of 2"
     assert (tmp_path / "distance.png").exists() or "matplotlib is not installed" in r.stdout
+    alone = call(bench.main, "distance", *TINY_BENCH, "--dataset", dataset, "--block_size", "32",
+                 "--batch_size", "4", "--max_iters", "2", "--eval_interval", "2", "--eval_iters",
+                 "1", "--warmup_iters", "1", "--seeds", "1", "--positions", "wpe", "--only",
+                 "dar wpe", "--out_dir", str(tmp_path / "alone"))
+    assert alone.returncode == 0 and "no distance.png" in alone.stdout, alone.stderr
+    assert not (tmp_path / "alone" / "distance.png").exists()
     fails_cleanly(call(bench.main, "distance", "--only", "dar"), "--only ['dar']")
 
 

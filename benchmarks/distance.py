@@ -88,6 +88,9 @@ def plot_distance(final, kv, path):
     """Each seed's final val loss against full attention's on the same seed and positions
     (the seeds' absolute losses differ more than the rows do), against KV bytes: a colour a
     row, filled for rotary positions and hollow for learned ones. Only with the full rows."""
+    if not any(name.startswith("full ") for name in final):
+        print("no distance.png: it plots each row against full attention, which was not run")
+        return
     plt = common.pyplot()
     if plt is None:
         return
