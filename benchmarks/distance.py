@@ -60,35 +60,45 @@ def bench_distance(args):
     args.seed = seeds[0]
     kv = {name: common.kv_ratio(args.block_size, regime, args.n_embd, args.n_head)
           for name, regime in regimes.items()}
-    rows = [table_row(name, final, kv[name]) for name in regimes]
+    ratios = against_full(final)
+    rows = [table_row(name, final[name], ratios.get(name), kv[name]) for name in regimes]
     headers = ["regime", "positions", f"final val loss ({len(seeds)} seeds: median, range)",
                "vs full (median of seeds)", "seeds within 1% of full",
                f"KV bytes at T={args.block_size} vs full"]
     table = common.markdown(headers, rows)
     common.report(args, "distance", [table],
                   {"regimes": regimes, "seeds": seeds, "final_val_loss": final, "kv_ratio": kv})
-    plot_distance(final, kv, os.path.join(args.out_dir, "distance.png"))
+    plot_distance(ratios, kv, os.path.join(args.out_dir, "distance.png"))
 
 
-def table_row(name, final, kv):
+def against_full(final):
+    """name -> each seed's final val loss relative to full attention's on the same seed and
+    positions (0.01: 1% above); rows whose positions have no full row are left out."""
+    ratios = {}
+    for name, losses in final.items():
+        positions = name.rsplit(" ", 1)[1]
+        full = final.get(f"full {positions}")
+        if full is not None:
+            ratios[name] = [loss / base - 1 for loss, base in zip(losses, full)]
+    return ratios
+
+
+def table_row(name, losses, ratios, kv):
     """One row: the losses over seeds, and each seed against full attention's on that seed."""
     regime, positions = name.rsplit(" ", 1)
-    losses = final[name]
     spread = f"{statistics.median(losses):.4f} ({min(losses):.4f}-{max(losses):.4f})"
-    full = final.get(f"full {positions}")
-    if full is None or regime == "full":
+    if ratios is None or regime == "full":
         return [regime, positions, spread, "-", "-", f"{kv:.3f}"]
-    ratios = [loss / base - 1 for loss, base in zip(losses, full)]
     within = sum(r <= 0.01 for r in ratios)
     return [regime, positions, spread, f"{100 * statistics.median(ratios):+.2f}%",
             f"{within} of {len(ratios)}", f"{kv:.3f}"]
 
 
-def plot_distance(final, kv, path):
+def plot_distance(ratios, kv, path):
     """Each seed's final val loss against full attention's on the same seed and positions
     (the seeds' absolute losses differ more than the rows do), against KV bytes: a colour a
     row, filled for rotary positions and hollow for learned ones. Only with the full rows."""
-    if not any(name.startswith("full ") for name in final):
+    if not ratios:
         print("no distance.png: it plots each row against full attention, which was not run")
         return
     plt = common.pyplot()
@@ -96,15 +106,12 @@ def plot_distance(final, kv, path):
         return
     fig, ax = plt.subplots(figsize=(8.4, 4.4))
     colors = {}
-    for name, losses in final.items():
+    for name, seed_ratios in ratios.items():
         regime, positions = name.rsplit(" ", 1)
-        full = final.get(f"full {positions}")
-        if full is None:
-            continue
         color = colors.setdefault(regime, f"C{len(colors)}")
         face = color if positions == "rope" else "none"
-        vs_full = [100 * (loss / base - 1) for loss, base in zip(losses, full)]
-        ax.scatter([kv[name]] * len(losses), vs_full, s=28, edgecolors=color, facecolors=face,
+        vs_full = [100 * r for r in seed_ratios]
+        ax.scatter([kv[name]] * len(vs_full), vs_full, s=28, edgecolors=color, facecolors=face,
                    label=name)
     ax.set(title="final validation loss against full attention's, one dot a seed",
            xlabel="KV cache bytes at block_size, relative to full attention",
