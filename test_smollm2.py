@@ -346,3 +346,21 @@ def test_bench_finetune_smoke(tiny_as_smollm2, tmp_path):
     assert dar_curve[0][1] != full[0][1] != latent[0][1]   # converted; the same batches scored
     assert not list((tmp_path / "bench" / "finetune" / "dar_seed_1337").glob("ckpt_*.pt"))
     fails_cleanly(call(bench.main, "finetune", "--window", "64", "--block_size", "64"), "DAR would be full attention")
+
+
+def test_finetune_gap_trend():
+    """The gap table's trend: each DAR curve against the control's, by hand. Gaps 50%, 20%,
+    15% at iters 0, 10, 20: 0.5 points a step over the last interval, 24 more steps to 3%."""
+    from benchmarks.pretrained import gap_table
+    full = [(0, 100.0), (10, 90.0), (20, 80.0)]
+    curves = {"full": [full],
+              "dar": [[(0, 150.0), (10, 108.0), (20, 92.0)]],      # gaps 50%, 20%, 15%
+              "latent": [[(0, 110.0), (10, 93.6), (20, 84.0)]]}    # 10%, 4%, 5%: rising
+    table, closed = gap_table(curves, [7], 20)
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in table.splitlines()[2:]]
+    assert rows[0] == ["7", "dar", "100.00", "150.00", "+50.0%", "80.00", "92.00", "+15.0%",
+                       "70%", "0.50", "24"]
+    assert rows[1][7:] == ["+5.0%", "50%", "-0.10", "never (not falling)"]
+    assert closed == pytest.approx([0.7, 0.5])
+    curves["dar"] = [[(0, 150.0), (10, 108.0), (20, 82.0)]]   # 2.5%: there already
+    assert gap_table(curves, [7], 20)[0].splitlines()[2].split("|")[-2].strip() == "0"

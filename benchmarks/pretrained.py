@@ -199,95 +199,89 @@ def plot_pretrained(points, path):
 
 def bench_finetune(args):
     """SmolLM2-135M fine-tuned on Shakespeare in its own tokens (data/prepare.py --tokenizer
-    smollm2), as full attention (the control) and as a DAR conversion, identically (same
+    smollm2), as full attention (the control) and as DAR conversions, identically (same
     batches, steps, learning rate and seed): validation perplexity over steps, on each seed,
-    and how much of the training-free gap to the control the fine-tune closes."""
+    how much of the training-free gap to the control the fine-tune closes, and its trend."""
     if args.quick:
         for name, value in FINETUNE_QUICK.items():
             setattr(args, name, value)
     if args.window >= args.block_size:
-        sys.exit(
-            f"error: --window {args.window} >= --block_size {args.block_size}: DAR would be full"
-            " attention"
-        )
-    tiers = ["--window", args.window, "--far_k_dim", args.far_k_dim, "--far_v_dim", args.far_v_dim,
-             "--pairs", args.pairs]
-    schedule = [
-        "--init_from",
-        "smollm2",
-        "--dataset",
-        args.dataset,
-        "--max_iters",
-        args.max_iters,
-        "--eval_interval",
-        args.eval_interval,
-        "--eval_iters",
-        args.eval_iters,
-        "--block_size",
-        args.block_size,
-        "--batch_size",
-        args.batch_size,
-        "--learning_rate",
-        args.learning_rate,
-        "--min_lr",
-        args.learning_rate,
-        "--sample_tokens",
-        0,
-        "--log_interval",
-        args.log_interval,
-        "--ckpt_interval",
-        args.max_iters + 1,
-        "--device",
-        args.device,
-        "--overwrite",
-    ]
-    latent = ["--window", args.window, "--far_mode", "latent", "--far_latent_dim",
-              args.latent_dim, "--latent_init", args.latent_init, "--stage1_iters",
-              args.stage1_iters, "--stage1_lr", args.stage1_lr]
-    runs = [("full", []), ("dar", tiers)] + [("latent", latent)] * (args.latent_dim > 0)
+        sys.exit(f"error: --window {args.window} >= --block_size {args.block_size}: "
+                 "DAR would be full attention")
     seeds = [args.seed + i for i in range(args.seeds)]
-    curves = {name: [] for name, _ in runs}   # per seed: [(iter, val perplexity), ...]
+    curves = finetune_curves(args, seeds)
+    table, closed = gap_table(curves, seeds, args.max_iters)
+    curve_rows = []
+    for j, (iteration, _) in enumerate(curves["full"][0]):
+        row = [iteration]
+        for s in range(len(seeds)):
+            row += [f"{curves[name][s][j][1]:.2f}" for name in curves]
+        curve_rows.append(row)
+    curve_headers = ["iter"] + [f"{name} seed {seed}" for seed in seeds for name in curves]
+    curve_table = common.markdown(curve_headers, curve_rows)
+    common.report(args, "finetune", [table, "validation perplexity over steps:\n\n" + curve_table],
+                  {"seeds": seeds, "curves": curves, "gap_closed": closed})
+    plot_finetune(curves, seeds, args, os.path.join(args.out_dir, "finetune.png"))
+
+
+def finetune_curves(args, seeds):
+    """Train each model on each seed: {name: per seed [(iter, val perplexity), ...]}."""
+    schedule = ["--init_from", "smollm2", "--dataset", args.dataset,
+                "--max_iters", args.max_iters, "--eval_interval", args.eval_interval,
+                "--eval_iters", args.eval_iters, "--block_size", args.block_size,
+                "--batch_size", args.batch_size,
+                "--learning_rate", args.learning_rate, "--min_lr", args.learning_rate,
+                "--sample_tokens", 0, "--log_interval", args.log_interval,
+                "--ckpt_interval", args.max_iters + 1, "--device", args.device, "--overwrite"]
+    runs = {"full": [],
+            "dar": ["--window", args.window, "--far_k_dim", args.far_k_dim,
+                    "--far_v_dim", args.far_v_dim, "--pairs", args.pairs]}
+    if args.latent_dim > 0:   # the paper's recipe: stage 1 (the bottleneck alone), stage 2
+        runs["latent"] = ["--window", args.window, "--far_mode", "latent",
+                          "--far_latent_dim", args.latent_dim, "--latent_init", args.latent_init,
+                          "--stage1_iters", args.stage1_iters, "--stage1_lr", args.stage1_lr]
+    curves = {name: [] for name in runs}
     for seed in seeds:
-        for name, extra in runs:
+        for name, extra in runs.items():
             out_dir = os.path.join(args.out_dir, "finetune", f"{name}_seed_{seed}")
             print(f"\n=== {out_dir} ===", flush=True)
             train.main([str(a) for a in schedule + extra + ["--seed", seed, "--out_dir", out_dir]])
             with open(os.path.join(out_dir, "eval_log.jsonl")) as f:
-                curves[name].append(
-                    [(e["iter"], math.exp(e["val_loss"])) for e in map(json.loads, f)]
-                )
-            for path in glob.glob(
-                os.path.join(out_dir, "ckpt_*.pt")
-            ):  # 1.6 GB each: the curve is kept
-                os.remove(path)
-    rows, closed = [], []
+                evals = [json.loads(line) for line in f]
+            curves[name].append([(e["iter"], math.exp(e["val_loss"])) for e in evals])
+            for path in glob.glob(os.path.join(out_dir, "ckpt_*.pt")):   # 1.6 GB each
+                os.remove(path)   # (the curve is kept)
+    return curves
+
+
+def gap_table(curves, seeds, max_iters):
+    """Per seed and DAR model: the gap to the control before and after, the share of it
+    closed, how fast it fell over the last evaluation interval and how many more steps that
+    rate needs to reach 3% (a lower bound while the fall slows down)."""
+    rows = []
+    closed = []
     for i, seed in enumerate(seeds):
-        full = curves["full"][i]
-        for name in curves:
-            if name == "full":
-                continue
-            dar_curve = curves[name][i]
-            before = dar_curve[0][1] / full[0][1] - 1
-            after = dar_curve[-1][1] / full[-1][1] - 1
-            closed.append(1 - after / before if before > 0.001 else None)   # (no gap: none)
-            rows.append([seed, name, f"{full[0][1]:.2f}", f"{dar_curve[0][1]:.2f}",
-                         f"{100 * before:+.1f}%", f"{full[-1][1]:.2f}", f"{dar_curve[-1][1]:.2f}",
-                         f"{100 * after:+.1f}%",
-                         "-" if closed[-1] is None else f"{100 * closed[-1]:.0f}%"])
-    n = args.max_iters
-    headers = ["seed", "DAR", "full, before", "DAR, before", "gap", f"full after {n} iters",
-               f"DAR after {n} iters", "gap", "gap closed"]
-    table = common.markdown(headers, rows)
-    curve_rows = [
-        [it] + [f"{curves[name][s][j][1]:.2f}" for s in range(len(seeds)) for name in curves]
-        for j, (it, _) in enumerate(curves["full"][0])
-    ]
-    curve_table = common.markdown(
-        ["iter"] + [f"{name} seed {seed}" for seed in seeds for name in curves], curve_rows
-    )
-    common.report(args, "finetune", [table, "validation perplexity over steps:\n\n" + curve_table],
-           {"seeds": seeds, "curves": curves, "gap_closed": closed})
-    plot_finetune(curves, seeds, args, os.path.join(args.out_dir, "finetune.png"))
+        full = [perplexity for _, perplexity in curves["full"][i]]
+        for name in [name for name in curves if name != "full"]:
+            dar = [perplexity for _, perplexity in curves[name][i]]
+            gaps = [d / f - 1 for d, f in zip(dar, full)]
+            closed.append(1 - gaps[-1] / gaps[0] if gaps[0] > 0.001 else None)   # (no gap)
+            steps = curves["full"][i][-1][0] - curves["full"][i][-2][0] if len(gaps) > 1 else 0
+            per_step = (gaps[-2] - gaps[-1]) / steps if steps else 0.0
+            if gaps[-1] <= 0.03:
+                to_go = "0"
+            elif per_step > 0:
+                to_go = f"{math.ceil((gaps[-1] - 0.03) / per_step)}"
+            else:
+                to_go = "never (not falling)"
+            rows.append([seed, name, f"{full[0]:.2f}", f"{dar[0]:.2f}", f"{100 * gaps[0]:+.1f}%",
+                         f"{full[-1]:.2f}", f"{dar[-1]:.2f}", f"{100 * gaps[-1]:+.1f}%",
+                         "-" if closed[-1] is None else f"{100 * closed[-1]:.0f}%",
+                         f"{100 * per_step:.2f}", to_go])
+    headers = ["seed", "DAR", "full, before", "DAR, before", "gap", f"full after {max_iters} iters",
+               f"DAR after {max_iters} iters", "gap", "gap closed",
+               "gap's fall a step, last interval (points)", "more steps to 3% at that rate"]
+    return common.markdown(headers, rows), closed
 
 
 def plot_finetune(curves, seeds, args, path):
