@@ -158,9 +158,8 @@ def plot_pretrained(points, path):
     if plt is None or not points:
         return
     contexts = sorted({p["T"] for p in points})
-    fig, axes = plt.subplots(
-        1, len(contexts), figsize=(5.6 * len(contexts) + 2.8, 4.4), squeeze=False
-    )
+    width = 5.6 * len(contexts) + 2.8
+    fig, axes = plt.subplots(1, len(contexts), figsize=(width, 4.4), squeeze=False)
     for ax, T in zip(axes[0], contexts):
         families = {}
         for p in points:
@@ -175,16 +174,9 @@ def plot_pretrained(points, path):
             y = [min(p["perplexity"], top) for p in members]
             clipped = [p for p in members if p["perplexity"] > top]
             label = family + "".join(
-                f" [{p['perplexity']:.0f} at {p['kv_ratio']:.2f}]" for p in clipped
-            )
-            ax.plot(
-                x,
-                y,
-                color=f"C{i}",
-                label=label,
-                marker="o",
-                markersize=5 if len(members) > 1 else 9,
-            )
+                f" [{p['perplexity']:.0f} at {p['kv_ratio']:.2f}]" for p in clipped)
+            size = 5 if len(members) > 1 else 9   # a family of one point: bigger
+            ax.plot(x, y, color=f"C{i}", label=label, marker="o", markersize=size)
             for p in clipped:
                 ax.plot(p["kv_ratio"], top, marker="^", markersize=10, color=f"C{i}")
         ax.set(title=f"SmolLM2-135M, context {T}", xlabel="KV bytes held, vs full attention",
@@ -297,15 +289,10 @@ def plot_finetune(curves, seeds, args, path):
     styles = {"full": "-", "dar": "--", "latent": ":"}
     for s, seed in enumerate(seeds):
         for name in curves:
-            style = styles[name]
-            label = labels[name]
-            ax.plot(
-                *zip(*curves[name][s]),
-                linestyle=style,
-                marker=".",
-                color=f"C{s}",
-                label=f"{label}, seed {seed}",
-            )
+            iterations = [it for it, _ in curves[name][s]]
+            perplexities = [perplexity for _, perplexity in curves[name][s]]
+            ax.plot(iterations, perplexities, linestyle=styles[name], marker=".", color=f"C{s}",
+                    label=f"{labels[name]}, seed {seed}")
     ax.set(title="SmolLM2-135M fine-tuned on Shakespeare (lower is better)", xlabel="iteration",
            ylabel="validation perplexity")
     ax.grid(alpha=0.3)
