@@ -253,13 +253,17 @@ def gap_table(curves, seeds, max_iters):
     rows = []
     closed = []
     for i, seed in enumerate(seeds):
+        iterations = [iteration for iteration, _ in curves["full"][i]]
         full = [perplexity for _, perplexity in curves["full"][i]]
-        for name in [name for name in curves if name != "full"]:
+        for name in curves:
+            if name == "full":
+                continue
             dar = [perplexity for _, perplexity in curves[name][i]]
             gaps = [d / f - 1 for d, f in zip(dar, full)]
             closed.append(1 - gaps[-1] / gaps[0] if gaps[0] > 0.001 else None)   # (no gap)
-            steps = curves["full"][i][-1][0] - curves["full"][i][-2][0] if len(gaps) > 1 else 0
-            per_step = (gaps[-2] - gaps[-1]) / steps if steps else 0.0
+            per_step = 0.0
+            if len(gaps) > 1:   # the fall over the last evaluation interval
+                per_step = (gaps[-2] - gaps[-1]) / (iterations[-1] - iterations[-2])
             if gaps[-1] <= 0.03:
                 to_go = "0"
             elif per_step > 0:
