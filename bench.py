@@ -30,6 +30,7 @@ finetune), gpu.py.
 
 import argparse
 
+import decoding
 import prefill
 from benchmarks import capacity, decode, distance, gpu, pretrained, quality, recall, speed
 
@@ -46,6 +47,7 @@ def main(argv=None):
     if args.command in ("speed", "decode") and args.far_dim == 0:
         p.error("--far_dim must be > 0")   # quality: 0 means head_dim / 4; recall sets its own
     prefill.enable()   # cached prompts on CPU by the split path (it falls back elsewhere)
+    decoding.enable()   # one-token steps read the cache in place
     run = args.run
     del args.run   # the JSON reports record the arguments alone
     run(args)

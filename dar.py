@@ -175,9 +175,11 @@ def dar_attention(q, k, v, far_k, far_v, window, dropout_p=0.0, block=None):
     return torch.cat(out, dim=2)
 
 
-# A cached prompt is attended by dar_attention. prefill.py plugs in an exact, faster form
-# for CPU inference (dar.prompt_attention = prefill.split_attention); dar.py needs none.
+# Cached chunks take dar_attention too, a decoded token as a chunk of one. Faster exact
+# forms plug in from outside: prefill.py's for prompts on CPU (dar.prompt_attention),
+# decoding.py's for one token, reading the cache in place (dar.token_attention).
 prompt_attention = dar_attention
+token_attention = None
 
 
 # ----------------------------------------------------------------------------------------
@@ -211,7 +213,7 @@ class LayerCache:
         self.ring_v = None    # (B, Hkv, window, d - rv), slot p % window
         self.last_k = None    # kv_shift: the last token's raw key and value
         self.last_v = None
-        self.maps = None      # latent: the absorbed maps, computed once a fill
+        self.maps = None      # latent: decoding.py's absorbed maps, taken once a fill
 
     def allocate(self, like):   # once, in the dtype and on the device of `like`
         if self.ring_k is not None:
@@ -439,9 +441,9 @@ class CausalSelfAttention(nn.Module):
             dropout_p = self.dropout if self.training else 0.0
             far_k, far_v = self.far_keys_values(k, v, latents)
             y = dar_attention(q, k, v, far_k, far_v, self.window, dropout_p)
-        elif T == 1:
-            y = self.decode(q, k, v, latents, cache)
-        else:   # a prompt, or a chunk after cached tokens: the sequence path
+        elif T == 1 and token_attention is not None:   # decoding.py's one-token forms
+            y = token_attention(self, q, k, v, latents, cache)
+        else:   # a prompt, a chunk after cached tokens, one token: the sequence path
             recent_k, recent_v = cache.recent(k)
             cache.append(k, v, latents)
             far_k, far_v = self.far_keys_values(*cache.kept())
@@ -450,96 +452,6 @@ class CausalSelfAttention(nn.Module):
             y = prompt_attention(q, keys, values, far_k, far_v, self.window)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
-
-    def decode(self, q, k, v, latents, cache):
-        """One token attends to all the cache holds, itself included: no mask. q is viewed
-        (B, Hkv, g, d): the g query heads that share a key/value head attend together."""
-        cache.append(k, v, latents)
-        B = q.size(0)
-        q = q.view(B, self.n_kv_head, -1, self.head_dim)
-        if not self.has_far:   # one tier (a sliding window, a full cache): the fused kernel
-            m = min(cache.length, cache.window)   # (the ring's order: a softmax ignores it)
-            y = F.scaled_dot_product_attention(q, cache.ring_k[:, :, :m], cache.ring_v[:, :, :m])
-        elif self.far_mode == "slice":
-            y = self.decode_slice(q / math.sqrt(self.head_dim), cache)
-        else:
-            y = self.decode_latent(q / math.sqrt(self.head_dim), cache)
-        return y.view(B, self.n_head, 1, -1)
-
-    def decode_slice(self, q, cache):
-        """Every token's kept coordinates score; the window's tokens add their ring's. The
-        ring is in slot order (position p in slot p % W), so its m scores are rolled into
-        position order, and the weights back (cheaper than gathering the ring). By bmm: a
-        4-d matmul's reshapes cost more than its arithmetic here."""
-        T = cache.length
-        m = min(T, cache.window)
-        oldest = (T - m) % max(cache.window, 1)   # the slot of the oldest token in the window
-        rk = self.far_k_dim
-        q = q.flatten(0, 1)
-        scores = torch.bmm(q[..., :rk], cache.kept_k[:, :, :T].flatten(0, 1).mT)
-        ring_scores = torch.bmm(q[..., rk:], cache.ring_k[:, :, :m].flatten(0, 1).mT)
-        scores[..., T - m:] += ring_scores.roll(-oldest, -1)   # slot order to position order
-        att = F.softmax(scores, dim=-1)
-        ring_att = att[..., T - m:].roll(oldest, -1)   # position order to slot order
-        kept_y = torch.bmm(att, cache.kept_v[:, :, :T].flatten(0, 1))   # coordinates :rv
-        ring_y = torch.bmm(ring_att, cache.ring_v[:, :, :m].flatten(0, 1))   # coordinates rv:
-        return torch.cat([kept_y, ring_y], dim=-1)
-
-    def decode_latent(self, q, cache):
-        """MLA's absorb path: no far value is rebuilt. With far_v = W_V far_up c + b_V (c
-        the latent), the far values' sum is W_V far_up sum_j a_j c_j + b_V sum_j a_j; the
-        far keys' scores likewise (far_scores)."""
-        B, Hkv, g, _ = q.shape
-        T = cache.length
-        m = min(T, cache.window)
-        c = cache.latents[:, :T - m]   # (B, T - m, r), shared by all heads
-        far = self.far_scores(q, c, cache)
-        local = q @ cache.ring_k[:, :, :m].mT   # (the ring's order: a softmax ignores it)
-        att = F.softmax(torch.cat([far, local], dim=-1), dim=-1)
-        far_att = att[..., :T - m]
-        if self.kv_shift:   # sum_j a_j (now v_j + prev v_j-1) = sum_j (now a_j + prev a_j+1) v_j
-            after = F.pad(far_att[..., 1:], (0, 1))
-            far_att = mix(self.v_shift_now, self.v_shift_prev, far_att, after)
-        far_sum = torch.bmm(far_att.flatten(1, 2), c).view(B, Hkv, g, -1)   # (B, Hkv, g, r)
-        value_map = self.latent_maps(cache)[1]
-        y = att[..., T - m:] @ cache.ring_v[:, :, :m] + far_sum @ value_map.mT
-        if self.c_attn.bias is not None:   # c_attn's bias: q's, then k's, then v's
-            value_bias = self.c_attn.bias.split(self.qkv_sizes)[2]
-            y = y + far_att.sum(-1, keepdim=True) * value_bias.view(Hkv, 1, -1)
-        return y
-
-    def latent_maps(self, cache):
-        """Per key/value head W_K far_up and W_V far_up (Hkv, d, r), computed once a fill."""
-        if cache.maps is None:
-            rows = self.c_attn.weight[self.n_embd:]
-            w_k, w_v = rows.unflatten(0, (2, self.n_kv_head, self.head_dim))
-            cache.maps = (w_k @ self.far_up.weight, w_v @ self.far_up.weight)
-        return cache.maps
-
-    def far_scores(self, q, c, cache):
-        """q . far_k_j for the latents c_j (B, n, r): (B, Hkv, g, n). Without rope, absorbed:
-        q . (W_K far_up c_j + b_K) = (q W_K far_up) . c_j + q . b_K. Under RoPE the turn
-        between q and far_k_j depends on j, so no one map folds into q: the far keys are
-        rebuilt from the latents every step (n r d multiply-adds a head) and turned."""
-        B, Hkv, g, _ = q.shape
-        key_map = self.latent_maps(cache)[0]
-        key_bias = None
-        if self.c_attn.bias is not None:   # c_attn's bias: q's, then k's, then v's
-            key_bias = self.c_attn.bias.split(self.qkv_sizes)[1]
-        if self.rope:
-            far_k = F.linear(c, key_map.flatten(0, 1), key_bias)   # (B, n, Hkv * d)
-            far_k = far_k.unflatten(-1, (Hkv, self.head_dim)).transpose(1, 2)
-            if self.kv_shift:   # shifted before the turn, as every key
-                before = F.pad(far_k[:, :, :-1], (0, 0, 1, 0))
-                far_k = mix(self.k_shift_now, self.k_shift_prev, far_k, before)
-            far_k = rotate(far_k, self.key_frequencies(q.device), 0)
-            return q @ far_k.mT
-        far = torch.bmm((q @ key_map).flatten(1, 2), c.mT).view(B, Hkv, g, -1)
-        if key_bias is not None:
-            far = far + (q * key_bias.view(Hkv, 1, -1)).sum(-1, keepdim=True)
-        if self.kv_shift:   # far key j is now far_k_j + prev far_k_{j-1}
-            far = mix(self.k_shift_now, self.k_shift_prev, far, F.pad(far[..., :-1], (1, 0)))
-        return far
 
 
 def norm(config):

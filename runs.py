@@ -19,6 +19,8 @@ import torch.distributed as dist
 
 import cache_bytes
 import checkpoint
+import decoding
+import prefill
 from data import prepare
 
 
@@ -337,6 +339,8 @@ def closing_sample(cfg, device, ctx):
     ckpt = checkpoint.load(path, device)
     model = checkpoint.model_from(ckpt, device)
     tokenizer = checkpoint.tokenizer_from(ckpt, path)
+    prefill.enable()   # as sample.py decodes
+    decoding.enable()
     print(f"--- sample from {path} (iter {ckpt['iter_num']}, val loss {ckpt['val_loss']:.4f}), "
           "decoded with the two-tier KV cache ---")
     torch.manual_seed(cfg.seed)

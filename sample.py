@@ -19,6 +19,7 @@ import torch
 
 import cache_bytes
 import checkpoint
+import decoding
 import prefill
 import smollm2
 
@@ -149,6 +150,7 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     prefill.enable()   # cached prompts on CPU by the split path (it falls back elsewhere)
+    decoding.enable()   # one-token steps read the cache in place
     try:
         device = checkpoint.pick_device(args.device)
         model, tokenizer = load_model(args, device)

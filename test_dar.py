@@ -14,6 +14,7 @@ from torch.nn import functional as F
 import convert
 import cache_bytes
 import dar
+import decoding
 import prefill
 
 torch.set_num_threads(1)   # tiny tensors: threads cost more than they give
@@ -210,27 +211,49 @@ def all_logits(model, idx):
     return torch.cat([model(idx[:, :t + 1])[0] for t in range(idx.size(1))], dim=1)
 
 
+# How cached chunks are attended: dar.py's sequence path alone (a decoded token as a chunk of
+# one), or prefill.py's split path for prompts and decoding.py's forms for one token.
+PATHS = {"sequence": (dar.dar_attention, None), "fast": (prefill.split_attention, decoding.decode)}
+
+
 @contextlib.contextmanager
-def prompt_attention(attention):
-    """Cached prompts attended by `attention` (dar.dar_attention or prefill.split_attention)."""
-    default = dar.prompt_attention
-    dar.prompt_attention = attention
+def cached_paths(prompt, token):
+    """Cached prompts attended by `prompt`, decoded tokens by `token` (one of PATHS)."""
+    default_prompt = dar.prompt_attention
+    default_token = dar.token_attention
+    dar.prompt_attention = prompt
+    dar.token_attention = token
     try:
         yield
     finally:
-        dar.prompt_attention = default
+        dar.prompt_attention = default_prompt
+        dar.token_attention = default_token
+
+
+@pytest.fixture(autouse=True)
+def sequence_path():
+    """Every test starts on dar.py's own path, whatever an earlier one enabled."""
+    with cached_paths(*PATHS["sequence"]):
+        yield
+
+
+@pytest.fixture(params=list(PATHS))
+def path(request):
+    """The test runs on both paths of PATHS."""
+    with cached_paths(*PATHS[request.param]):
+        yield request.param
 
 
 def assert_cache_matches_uncached(model, prompt_len, tol=1e-5):
     """A prompt, one token at a time across the tier boundary, then a chunk after a
-    non-empty cache: each cached step's logits are the uncached forward's, B = 2, with the
-    prompts on dar.py's path and on prefill.py's."""
+    non-empty cache: each cached step's logits are the uncached forward's, B = 2, on both
+    paths of PATHS."""
     idx = torch.randint(0, 13, (2, 20), generator=torch.Generator().manual_seed(8))
     want = all_logits(model, idx)
     want = torch.cat([want[:, prompt_len - 1:14], want[:, 19:]], dim=1)
-    for attention in (dar.dar_attention, prefill.split_attention):
+    for paths in PATHS.values():
         cache = model.new_cache(2)
-        with torch.no_grad(), prompt_attention(attention):
+        with torch.no_grad(), cached_paths(*paths):
             got = [model(idx[:, :prompt_len], cache=cache)[0]]
             got += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(prompt_len, 14)]
             got.append(model(idx[:, 14:20], cache=cache)[0])
@@ -486,7 +509,7 @@ def buffer_addresses(cache):
 @pytest.mark.parametrize("name", ["dar", "odd_dims", "uniform", "thin_keys", "sliding", "full_window",
                                   "full_dims_small_window"])
 @pytest.mark.parametrize("kv_shift", [False, True])
-def test_cache_nbytes_is_the_formula_and_buffers_are_written_in_place(name, kv_shift):
+def test_cache_nbytes_is_the_formula_and_buffers_are_written_in_place(name, kv_shift, path):
     window, far_k_dim, far_v_dim = REGIMES[name]
     model, _ = make_model(window=window, far_k_dim=far_k_dim, far_v_dim=far_v_dim, kv_shift=kv_shift)
     cfg, B = model.config, 2
@@ -495,12 +518,12 @@ def test_cache_nbytes_is_the_formula_and_buffers_are_written_in_place(name, kv_s
     assert cache_bytes.held(cache) == cache_bytes.allocated(cache) == 0
     # kv_shift also holds the last raw key and value: 2d per head per layer, not per token
     shift = cfg.n_layer * B * cfg.n_head * 2 * cfg.head_dim * 4 if kv_shift else 0
-    for prefill in (5, 11):   # a second prefill after reset() reuses the buffers
+    for prompt_len in (5, 11):   # a second prefill after reset() reuses the buffers
         cache.reset()
-        model(idx[:, :prefill], cache=cache)
-        if prefill == 5:
+        model(idx[:, :prompt_len], cache=cache)
+        if prompt_len == 5:
             buffers = buffer_addresses(cache)
-        for t in range(prefill, 32):
+        for t in range(prompt_len, 32):
             T = cache.length
             assert cache_bytes.held(cache) == formula_nbytes(cfg, B, T) + shift
             assert cache_bytes.full(cache) == cfg.n_layer * B * T * 2 * cfg.n_embd * 4
@@ -545,7 +568,7 @@ def random_case(rng):
 
 
 @pytest.mark.parametrize("seed", range(10))
-def test_cache_matches_uncached_on_random_schedules(seed):
+def test_cache_matches_uncached_on_random_schedules(seed, path):
     """30 random cases a seed: the cached logits of every chunk are the uncached forward's,
     and the bytes held are the formula, never more than those allocated."""
     import random
@@ -570,7 +593,7 @@ def test_cache_matches_uncached_on_random_schedules(seed):
 
 @pytest.mark.parametrize("name", ["dar", "uniform", "sliding", "full_window"])
 @pytest.mark.parametrize("kv_shift", [False, True])
-def test_copied_rows_decode_like_separate_prefills(name, kv_shift):
+def test_copied_rows_decode_like_separate_prefills(name, kv_shift, path):
     window, far_k_dim, far_v_dim = REGIMES[name]
     model, _ = make_model(window=window, far_k_dim=far_k_dim, far_v_dim=far_v_dim, kv_shift=kv_shift)
     g = torch.Generator().manual_seed(3)
@@ -623,7 +646,7 @@ def test_cache_rejects_overflow_and_targets():
 
 @pytest.mark.parametrize("name", ["dar", "uniform", "sliding", "full_window"])
 @pytest.mark.parametrize("kv_shift", [False, True])
-def test_greedy_generate_same_with_and_without_cache(name, kv_shift):
+def test_greedy_generate_same_with_and_without_cache(name, kv_shift, path):
     window, far_k_dim, far_v_dim = REGIMES[name]
     model, _ = make_model(window=window, far_k_dim=far_k_dim, far_v_dim=far_v_dim, kv_shift=kv_shift)
     prompt = torch.randint(0, 13, (2, 5), generator=torch.Generator().manual_seed(9))
@@ -635,7 +658,7 @@ def test_greedy_generate_same_with_and_without_cache(name, kv_shift):
 
 
 @pytest.mark.parametrize("name", ["dar", "uniform", "full_window"])
-def test_several_samples_in_one_batch(name):
+def test_several_samples_in_one_batch(name, path):
     window, far_k_dim, far_v_dim = REGIMES[name]
     model, _ = make_model(block_size=16, window=window, far_k_dim=far_k_dim, far_v_dim=far_v_dim, kv_shift=True)
     prompt = torch.randint(0, 13, (2, 5), generator=torch.Generator().manual_seed(4))
@@ -864,7 +887,7 @@ def test_latent_cache_nbytes_is_its_formula_and_holds_no_far_key(window):
 
 
 @pytest.mark.parametrize("kv_shift", [False, True])
-def test_latent_generates_with_copied_rows_like_the_uncached_path(kv_shift):
+def test_latent_generates_with_copied_rows_like_the_uncached_path(kv_shift, path):
     model, _ = make_latent_model(3, block_size=16, kv_shift=kv_shift)
     prompt = torch.randint(0, 13, (2, 5), generator=torch.Generator().manual_seed(4))
     out = {}
@@ -1067,7 +1090,7 @@ def cached_logits(model, idx, prompt_len):
 
 
 @pytest.mark.parametrize("name", list(LOW_PRECISION_TIERS))
-def test_a_bfloat16_model_trains_and_caches_in_bfloat16(name):
+def test_a_bfloat16_model_trains_and_caches_in_bfloat16(name, path):
     """train.py and sample.py run bf16 on a GPU: the model in bfloat16 takes AdamW steps,
     its cache is allocated in bfloat16 (2 bytes an element) and matches its uncached
     forward, and both stay near the float32 model's logits."""
@@ -1096,7 +1119,7 @@ def test_a_bfloat16_model_trains_and_caches_in_bfloat16(name):
 
 
 @pytest.mark.parametrize("name", list(LOW_PRECISION_TIERS))
-def test_bfloat16_autocast_over_a_float32_model_caches_what_it_computes(name):
+def test_bfloat16_autocast_over_a_float32_model_caches_what_it_computes(name, path):
     """train.py's CUDA default: float32 weights under bf16 autocast. The cache takes the
     dtype of the keys autocast makes, and cached = uncached under the same autocast."""
     model, _ = make_model(**LOW_PRECISION_TIERS[name])
@@ -1161,7 +1184,7 @@ def test_a_prompt_longer_than_block_size_keeps_its_last_tokens(use_cache):
 
 
 @pytest.mark.parametrize("name", ["slice", "latent"])
-def test_a_cache_refilled_after_the_weights_change_equals_a_fresh_one(name):
+def test_a_cache_refilled_after_the_weights_change_equals_a_fresh_one(name, path):
     """One cache, filled, then the weights change (a training step between two samples),
     reset and filled again: what it serves is a new cache's (nothing derived is stale)."""
     model, _ = make_model(**LOW_PRECISION_TIERS[name])
