@@ -12,7 +12,7 @@ and it copies what the cache holds at every step. The forms here read the buffer
   weighted sum of latents), the far keys too where no rope turns them.
 
     import decoding
-    decoding.enable()   # dar.token_attention = decode (sample.py, bench.py, train.py's sample)
+    decoding.enable()   # dar.token_attention = decode (sample.py, bench.py, train.py)
 
 test_dar.py checks every cache against the uncached forward on both paths.
 """

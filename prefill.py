@@ -9,7 +9,7 @@ exp(lse - lse of both) gives one softmax over both (flash-decoding's merge). PyT
 flash kernel returns the lse (no gradient flows through it; n >= 1 queries only).
 
     import prefill
-    prefill.enable()   # dar.prompt_attention = split_attention (sample.py, bench.py on CPU)
+    prefill.enable()   # dar.prompt_attention = split_attention (sample.py, bench.py, train.py)
 
 test_dar.py checks split_attention against dar_attention; split_attention falls back to it
 wherever the kernel or a gradient is missing, or the tensors are not on the CPU.
@@ -28,6 +28,7 @@ FLASH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu
 def enable():
     """Cached prompts take split_attention from now on (it falls back where it must)."""
     dar.prompt_attention = split_attention
+
 
 def merge(part, other):
     """Two attentions of the same queries over disjoint keys, (out, lse) each: one softmax."""
