@@ -369,7 +369,7 @@ class CausalSelfAttention(nn.Module):
             self.v_shift_now = nn.Parameter(v_now)
             self.v_shift_prev = nn.Parameter(1 - v_now)
         self.rope = config.rope
-        if self.rope:   # kv head h's pair slot i turns at rope_frequencies[rope_pairs[h, i]]
+        if self.rope:   # each key/value head's pair order: identity until convert.py sets it
             pairs = torch.arange(self.head_dim // 2).repeat(self.n_kv_head, 1)
             self.register_buffer("rope_pairs", pairs)
 
