@@ -126,9 +126,9 @@ class GPTConfig:
 #            keys 0 .. T-1      far copies 0 .. T-1
 #   query i  [ i-W < j <= i ]   [ j <= i-W ]
 #
-# A cached chunk is the same with its queries at the last n of T positions (nanochat's
-# offset). Queries go in blocks, each given only the keys it can see: fewer scores than the
-# (T, 2T) mask, the same result.
+# A cached chunk (a decoded token: a chunk of one) is the same with its queries at the last
+# n of T positions (nanochat's offset). Queries go in blocks, each given only the keys it
+# can see: fewer scores than the (T, 2T) mask, the same result.
 
 def dar_mask(queries, keys, n_far, window):
     """Which keys each query sees: positions queries (n,) and keys (m,), then far copies of
@@ -175,9 +175,8 @@ def dar_attention(q, k, v, far_k, far_v, window, dropout_p=0.0, block=None):
     return torch.cat(out, dim=2)
 
 
-# Cached chunks take dar_attention too, a decoded token as a chunk of one. Faster exact
-# forms plug in from outside: prefill.py's for prompts on CPU (dar.prompt_attention),
-# decoding.py's for one token, reading the cache in place (dar.token_attention).
+# Faster exact forms plug in from outside: prefill.py's for cached prompts on CPU
+# (dar.prompt_attention), decoding.py's for one token, reading the cache in place.
 prompt_attention = dar_attention
 token_attention = None
 
