@@ -37,7 +37,7 @@ def decode(attn, q, k, v, latents, cache):
     cache.append(k, v, latents)
     B = q.size(0)
     q = q.view(B, attn.n_kv_head, -1, attn.head_dim)
-    if not attn.has_far:   # (the ring's order: a softmax ignores it)
+    if not attn.has_far:   # one tier: the fused kernel (a softmax ignores the ring's order)
         m = min(cache.length, cache.window)
         y = F.scaled_dot_product_attention(q, cache.ring_k[:, :, :m], cache.ring_v[:, :, :m])
     elif attn.far_mode == "slice":
