@@ -6,7 +6,7 @@ one beyond; one softmax spans both tiers. far_mode "latent" is the paper's formu
 distant token's key and value rebuilt from a learned bottleneck of its input); "slice"
 keeps their first far_k_dim / far_v_dim coordinates (no new parameters; convert.py makes a
 trained model DAR). Sections: 1. config, 2. attention over a sequence, 3. the two-tier KV
-cache, 4. the model, 5. generation. See README.md.
+cache, 4. the model, 5. generation.
 """
 
 import math
@@ -53,7 +53,7 @@ class GPTConfig:
     rope_prefix: str = "low"           # rope: a far key's first pairs (rope_frequencies)
 
     def __post_init__(self):
-        """Every field checked; far sizes left None default to a quarter of their range."""
+        """Checks every field; fills in the far sizes left None (far_size)."""
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
             self.require(name, getattr(self, name) >= 1, "must be at least 1")
         self.n_kv_head = self.n_kv_head or self.n_head
@@ -98,7 +98,7 @@ class GPTConfig:
 
     @property
     def is_full(self):
-        """True when every token a context can hold is attended at full dimension."""
+        """Every token a context holds is attended at full dimension."""
         d = self.head_dim
         return self.window >= self.block_size or (self.far_k_dim, self.far_v_dim) == (d, d)
 
@@ -389,10 +389,11 @@ class CausalSelfAttention(nn.Module):
     def shift(self, k, v, last_k=None, last_v=None):
         """KV shifting: k^_t = now * k_t + prev * k_{t-1} per head (values alike); k_{-1} is
         last_k or 0."""
-        k_before = torch.cat([torch.zeros_like(k[:, :, :1]) if last_k is None else last_k,
-                              k[:, :, :-1]], dim=2)
-        v_before = torch.cat([torch.zeros_like(v[:, :, :1]) if last_v is None else last_v,
-                              v[:, :, :-1]], dim=2)
+        if last_k is None:
+            last_k = torch.zeros_like(k[:, :, :1])
+            last_v = torch.zeros_like(v[:, :, :1])
+        k_before = torch.cat([last_k, k[:, :, :-1]], dim=2)
+        v_before = torch.cat([last_v, v[:, :, :-1]], dim=2)
         k = mix(self.k_shift_now, self.k_shift_prev, k, k_before)
         v = mix(self.v_shift_now, self.v_shift_prev, v, v_before)
         return k, v
@@ -410,7 +411,7 @@ class CausalSelfAttention(nn.Module):
             return far_k, far_v
         key_value_rows = self.c_attn.weight[self.n_embd:]
         bias = None if self.c_attn.bias is None else self.c_attn.bias[self.n_embd:]
-        far = F.linear(latents, key_value_rows @ self.far_up.weight, bias)   # (W_KV far_up) c
+        far = F.linear(latents, key_value_rows @ self.far_up.weight, bias)
         far_k, far_v = far.chunk(2, dim=-1)
         far_k = self.heads(far_k)
         far_v = self.heads(far_v)
