@@ -21,7 +21,7 @@ from torch.nn import functional as F
 
 import checkpoint
 import dar
-import runs
+import train_config
 
 # What a converted model keeps of its source: the architecture.
 KEEPS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "kv_shift", "rope", "rope_wpe",
@@ -192,7 +192,7 @@ def for_training(cfg, given, tokenizer, train_tokens, device):
     full = full_model_from(cfg.convert_from, device, cfg.dropout)
     source = dataclasses.asdict(full.config)
     why = "--init_from convert keeps the source model's architecture"
-    runs.refuse_changes(given, source, KEEPS, why)
+    train_config.refuse_changes(given, source, KEEPS, why)
     for name in KEEPS:   # the run's settings say what the model is
         setattr(cfg, name, source[name])
     if full.config.vocab_size < tokenizer.vocab_size:

@@ -1,17 +1,14 @@
 """
-What a training run needs beyond train.py's loop, read after it: settings over defaults
-and refusals of flags that cannot be honoured, one run per output folder, Ctrl-C that
-saves, DDP's share of an iteration, time left, the closing sample.
+What a training run needs beyond train.py's loop and its settings (train_config.py), read
+after them: one run per output folder, Ctrl-C that saves, DDP's share of an iteration, time
+left, the closing sample.
 """
 
-import argparse
-import dataclasses
 import os
 import signal
 import sys
 import threading
 import time
-from typing import Literal, get_args, get_origin
 
 import numpy as np
 import torch
@@ -22,83 +19,6 @@ import checkpoint
 import decoding
 import prefill
 from data import prepare
-
-
-# Defaults that depend on the run: on a CUDA GPU about nanoGPT's baby Shakespeare; convert
-# fine-tunes a trained model (a from-scratch warm-up to 1e-3 undoes the conversion, see
-# RESULTS.md); smollm2 as nanoGPT's finetune_shakespeare (3e-5), scaled to a CPU.
-DEFAULTS = {
-    "CUDA": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, window=64,
-                 far_k_dim=16, far_v_dim=16, batch_size=64, max_iters=5000, warmup_iters=100,
-                 eval_iters=200, ckpt_interval=500),
-    "convert": dict(learning_rate=1e-4, min_lr=1e-5, warmup_iters=0),
-    "smollm2": dict(learning_rate=3e-5, min_lr=3e-5, warmup_iters=0, block_size=256,
-                    batch_size=4, max_iters=100, eval_interval=50, eval_iters=10,
-                    ckpt_interval=50, sample_tokens=100),
-}
-MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "window",
-                "far_mode", "far_k_dim", "far_v_dim", "far_latent_dim", "kv_shift", "rope",
-                "rope_wpe", "rope_base", "rope_prefix")
-
-
-def parse_args(config_class, description, argv):
-    """Only the flags given, as a dict: defaults may depend on the device and init_from.
-    Every field of config_class is a flag, its metadata["help"] its meaning."""
-    p = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(config_class):
-        defaults = [f"default: {f.default!r}"]
-        defaults += [f"{name}: {table[f.name]!r}" for name, table in DEFAULTS.items()
-                     if f.name in table]
-        help = f"{f.metadata['help']} ({'; '.join(defaults)})"
-        if f.type is bool:
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=help)
-        elif get_origin(f.type) is Literal:   # the choices are the field's type
-            p.add_argument(f"--{f.name}", choices=get_args(f.type), help=help)
-        else:
-            p.add_argument(f"--{f.name}", type=f.type, help=help, metavar=f.type.__name__.upper())
-    return vars(p.parse_args(argv))
-
-
-def settings(config_class, given, device, resumed=None):
-    """Defaults, then the device's and init_from's (or, on resume, the checkpoint's
-    settings), then the flags given."""
-    base = dataclasses.asdict(config_class())
-    if resumed is not None:
-        why = "--init_from resume continues the checkpoint's model"
-        refuse_changes(given, resumed, MODEL_FIELDS, why)
-        base.update(resumed)
-    else:
-        if torch.device(device).type == "cuda":
-            base.update(DEFAULTS["CUDA"])
-        base.update(DEFAULTS.get(given.get("init_from"), {}))
-    cfg = config_class(**{**base, **given})
-    for name in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
-                 "ckpt_interval", "log_interval"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name}={getattr(cfg, name)} must be at least 1")
-    if cfg.max_iters < 0 or cfg.learning_rate <= 0 or cfg.min_lr < 0:
-        raise ValueError("max_iters must be >= 0, learning_rate > 0 and min_lr >= 0")
-    if cfg.init_from == "convert" and not cfg.convert_from:
-        raise ValueError("--init_from convert needs --convert_from PATH: a full-dimension "
-                         "checkpoint, ours or nanoGPT's")
-    if cfg.stage1_iters > 0 and cfg.far_mode != "latent":
-        raise ValueError("--stage1_iters trains the latent bottleneck alone: it needs --far_mode "
-                         "latent")
-    other_mode = ("far_k_dim", "far_v_dim") if cfg.far_mode == "latent" else ("far_latent_dim",)
-    for name in other_mode:
-        if name in given:
-            raise ValueError(f"--{name} does not apply to --far_mode {cfg.far_mode}")
-    return cfg
-
-
-def refuse_changes(given, kept, names, why):
-    """A flag among `names` whose value differs from `kept`'s cannot be honoured: one line."""
-    changed = [name for name in names if name in given and given[name] != kept[name]]
-    if changed:
-        flags = " ".join("--" + name for name in changed)
-        has = ", ".join(f"{name} {kept[name]!r}" for name in changed)
-        raise ValueError(f"{flags}: {why} ({has}); drop the flag or start a new run")
 
 
 class OutDirLock:

@@ -30,6 +30,7 @@ import dar
 import runs
 import sample
 import train
+import train_config
 from data import prepare, recall
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -195,7 +196,8 @@ def test_convert_ours_and_nanogpt_then_fine_tune(corpus, tmp_path):
                  "--convert_from", str(source), "--max_iters", "5", "--eval_interval", "5", *TINY)
         ckpt = torch.load(out / "ckpt_last.pt", weights_only=True)
         assert (ckpt["model_config"]["window"], ckpt["model_config"]["far_k_dim"]) == (8, 2), r.stdout
-        assert {k: ckpt["train_config"][k] for k in runs.DEFAULTS["convert"]} == runs.DEFAULTS["convert"]
+        defaults = train_config.DEFAULTS["convert"]
+        assert {k: ckpt["train_config"][k] for k in defaults} == defaults
     # the converted model before fine-tuning, with full far dims, is the original model
     r0 = call(train.main, "--dataset", dataset, "--out_dir", str(tmp_path / "zero"), "--init_from", "convert",
               "--convert_from", str(tmp_path / "nanogpt.pt"), "--max_iters", "0", *TINY, "--window", "4",
@@ -236,10 +238,14 @@ def test_latent_far_mode_trains_samples_and_converts(corpus, tmp_path):
 
 
 def test_convert_has_a_fine_tune_schedule_that_flags_override():
-    cfg = runs.settings(train.TrainConfig, {"init_from": "convert", "convert_from": "full.pt", "learning_rate": 5e-4}, "cpu")
-    assert (cfg.learning_rate, cfg.min_lr, cfg.warmup_iters) == (5e-4, runs.DEFAULTS["convert"]["min_lr"], 0)
-    scratch = runs.settings(train.TrainConfig, {}, "cpu")
-    assert (scratch.learning_rate, scratch.warmup_iters) == (train.TrainConfig.learning_rate, train.TrainConfig.warmup_iters)
+    given = {"init_from": "convert", "convert_from": "full.pt", "learning_rate": 5e-4}
+    cfg = train_config.resolve(given, "cpu")
+    convert_min_lr = train_config.DEFAULTS["convert"]["min_lr"]
+    assert (cfg.learning_rate, cfg.min_lr, cfg.warmup_iters) == (5e-4, convert_min_lr, 0)
+    scratch = train_config.resolve({}, "cpu")
+    TrainConfig = train_config.TrainConfig
+    assert scratch.learning_rate == TrainConfig.learning_rate
+    assert scratch.warmup_iters == TrainConfig.warmup_iters
 
 
 def test_sample_greedy_same_with_and_without_cache(trained):
@@ -360,7 +366,8 @@ def test_help_gives_the_choices():
     r = call(train.main, "--help")
     assert "--init_from {scratch,resume,convert,smollm2}" in r.stdout and "--far_mode {slice,latent}" in r.stdout
     assert "--rope_prefix {high,low,unrotated}" in r.stdout
-    assert train.TrainConfig.__dataclass_fields__["far_mode"].type.__args__ == ("slice", "latent")
+    far_mode = train_config.TrainConfig.__dataclass_fields__["far_mode"]
+    assert far_mode.type.__args__ == ("slice", "latent")
 
 
 def test_eta_counts_recent_iterations_and_the_evaluations_left(corpus, tmp_path, monkeypatch):
@@ -385,9 +392,10 @@ def test_eta_counts_recent_iterations_and_the_evaluations_left(corpus, tmp_path,
              "--log_interval", "5", *TINY[:-8], "--sample_tokens", "0", "--device", "cpu")
     line = next(l for l in r.stdout.splitlines() if l.startswith("iter 5/20"))
     assert "1000 ms/iter" in line and "1m55s left" in line, line   # 15 * 1 s + 100 s
-    assert runs.evaluations_left(5, train.TrainConfig(max_iters=20, eval_interval=100)) == 1
-    assert runs.evaluations_left(5, train.TrainConfig(max_iters=25, eval_interval=10)) == 3   # 10, 20, 25
-    assert runs.evaluations_left(10, train.TrainConfig(max_iters=20, eval_interval=10)) == 1
+    TrainConfig = train_config.TrainConfig
+    assert runs.evaluations_left(5, TrainConfig(max_iters=20, eval_interval=100)) == 1
+    assert runs.evaluations_left(5, TrainConfig(max_iters=25, eval_interval=10)) == 3   # 10, 20, 25
+    assert runs.evaluations_left(10, TrainConfig(max_iters=20, eval_interval=10)) == 1
 
 
 def test_a_kill_between_evaluations_loses_at_most_ckpt_interval(corpus, tmp_path, monkeypatch):
@@ -504,7 +512,7 @@ def test_bench_gpu_smoke(corpus, tmp_path):
 
 
 def test_ddp_refuses_an_iteration_it_cannot_share():
-    cfg = train.TrainConfig(batch_size=3, gradient_accumulation_steps=1)
+    cfg = train_config.TrainConfig(batch_size=3, gradient_accumulation_steps=1)
     with pytest.raises(ValueError, match="neither gradient_accumulation_steps=1 nor batch_size=3 divides"):
         runs.ddp_share(cfg, 2)
 
@@ -863,7 +871,7 @@ def test_recall_rejects_impossible_settings(tmp_path):
 
 def test_recall_batches_are_whole_sequences_with_loss_on_answers(tmp_path):
     out, _, tokens, answers = recall_data(tmp_path)
-    cfg = train.TrainConfig(dataset=str(out), block_size=48, batch_size=8)
+    cfg = train_config.TrainConfig(dataset=str(out), block_size=48, batch_size=8)
     data, _ = runs.open_dataset(cfg, master=True)
     x, y = train.get_batch(data, "train", cfg, np.random.default_rng(0), "cpu")
     for row_x, row_y in zip(x.numpy(), y.numpy()):
@@ -1282,9 +1290,10 @@ def test_stage1_trains_the_latent_bottleneck_alone_then_everything(corpus, tmp_p
     stage1 = changed(0, 3)
     assert stage1 == {n for n in weights[0] if ".far_" in n}, stage1
     assert any(".far_" not in n for n in changed(3, 5))
-    cfg = train.TrainConfig(stage1_iters=3, stage1_lr=1e-2)   # stage 1's rate, then the schedule
+    # stage 1's rate, then the schedule
+    cfg = train_config.TrainConfig(stage1_iters=3, stage1_lr=1e-2)
     assert [train.lr_at(it, cfg) for it in (0, 2)] == [1e-2, 1e-2]
-    assert train.lr_at(3, cfg) == train.lr_at(3, train.TrainConfig())
+    assert train.lr_at(3, cfg) == train.lr_at(3, train_config.TrainConfig())
     fails_cleanly(call(train.main, "--dataset", dataset, *TINY, "--stage1_iters", "2",
                        "--out_dir", str(tmp_path / "slice")),
                   "--stage1_iters trains the latent bottleneck alone")

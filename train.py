@@ -10,8 +10,8 @@ nanoGPT's baby Shakespeare on a CUDA GPU), and print a sample from the best chec
     python train.py --init_from convert --convert_from full/ckpt_best.pt --max_iters 200
     torchrun --standalone --nproc_per_node=2 train.py       # DDP: nccl on CUDA, gloo on CPU
 
-Every setting is a flag (a field of TrainConfig). Ctrl-C saves the iteration in progress
-to OUT_DIR/ckpt_last.pt and stops; a second Ctrl-C stops at once.
+Every setting is a flag: a field of TrainConfig, in train_config.py. Ctrl-C saves the
+iteration in progress to OUT_DIR/ckpt_last.pt and stops; a second Ctrl-C stops at once.
 """
 
 import dataclasses
@@ -20,8 +20,6 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import torch
@@ -33,88 +31,7 @@ import convert
 import dar
 import runs
 import smollm2
-from data import prepare
-
-
-def setting(default, meaning):
-    """A TrainConfig field: its default, and its meaning for --help."""
-    return field(default=default, metadata={"help": meaning})
-
-
-@dataclass
-class TrainConfig:
-    # data and output
-    dataset: str = setting(prepare.DEFAULT_DATASET, "a folder under data/ (or a path) with "
-                           "train.bin, val.bin, meta.json")
-    out_dir: str = setting("out", "where ckpt_last.pt, ckpt_best.pt and eval_log.jsonl go")
-    overwrite: bool = setting(False, "a new run may replace the checkpoints in OUT_DIR")
-    init_from: Literal["scratch", "resume", "convert", "smollm2"] = setting(
-        "scratch", "a new model; continue OUT_DIR/ckpt_last.pt; convert --convert_from to this "
-        "DAR setting; or fine-tune SmolLM2-135M (DAR with --window; data of --tokenizer smollm2)")
-    convert_from: str = setting("", "convert: a full-dimension checkpoint, ours or nanoGPT's")
-    calibration_seqs: int = setting(0, "convert: 0 rotates by the weights' SVD, N > 0 by PCA on "
-                                    "N training sequences")
-    pairs: Literal["score", "high", "low"] = setting(
-        "score", "convert or smollm2 (rope): the rotary pairs far keys keep: by MHA2MLA's score "
-        "on calibration tokens, or the highest or lowest frequencies")
-    # model (resume keeps the checkpoint's, convert the source's: both refuse a change)
-    n_layer: int = setting(4, "transformer blocks")
-    n_head: int = setting(4, "attention heads per block")
-    n_embd: int = setting(128, "model width (head_dim = n_embd / n_head)")
-    block_size: int = setting(128, "the longest context, in tokens")
-    dropout: float = setting(0.0, "dropout probability while training")
-    bias: bool = setting(False, "biases in the linear layers and LayerNorms")
-    window: int = setting(32, "tokens at distance < window keep full dimensions")
-    far_mode: Literal["slice", "latent"] = setting(
-        "slice", "what a distant token keeps: its first far_k_dim / far_v_dim coordinates, or "
-        "the paper's learned bottleneck")
-    far_k_dim: int = setting(8, "slice: key coordinates kept beyond the window")
-    far_v_dim: int = setting(8, "slice: value coordinates kept beyond the window")
-    far_latent_dim: int = setting(0, "latent: the bottleneck width r; 0: n_embd / 4")
-    latent_init: Literal["inputs", "keys_values"] = setting(
-        "inputs", "convert or smollm2 to latent: the bottleneck keeps the inputs' top axes, or "
-        "best keeps the keys and values")
-    kv_shift: bool = setting(False, "KV shifting: keys and values mixed with the previous token's")
-    rope: bool = setting(False, "rotary positions instead of learned position embeddings")
-    rope_wpe: bool = setting(False, "rope: keep the learned position embeddings as well")
-    rope_base: float = setting(10000.0, "rope: the base of the rotary frequencies")
-    rope_prefix: Literal["high", "low", "unrotated"] = setting(
-        "low", "rope: a far key's first coordinates: low- or high-frequency pairs, or unrotated")
-    # optimisation
-    batch_size: int = setting(12, "sequences per micro-step")
-    gradient_accumulation_steps: int = setting(1, "micro-steps per iteration")
-    max_iters: int = setting(1250, "training iterations")
-    learning_rate: float = setting(1e-3, "peak learning rate (AdamW)")
-    min_lr: float = setting(1e-4, "learning rate at the end of the cosine decay")
-    warmup_iters: int = setting(50, "iterations of linear warm-up")
-    lr_decay_iters: int = setting(0, "the cosine decay ends here; 0: max_iters")
-    weight_decay: float = setting(0.1, "AdamW weight decay, on matrices only")
-    beta1: float = setting(0.9, "AdamW beta1: how slowly the mean gradient forgets")
-    beta2: float = setting(0.99, "AdamW beta2: how slowly the mean squared gradient forgets")
-    grad_clip: float = setting(1.0, "clip the gradient norm to this; 0: off")
-    stage1_iters: int = setting(0, "the paper's recipe for a converted model: first train only "
-                                "the latent bottleneck for this many iterations, then everything")
-    stage1_lr: float = setting(3e-4, "the constant learning rate of those first iterations")
-    # evaluation, checkpoints, logging, the closing sample
-    eval_interval: int = setting(250, "evaluate and save every this many iterations")
-    eval_iters: int = setting(20, "batches per split in an evaluation")
-    ckpt_interval: int = setting(100, "also save ckpt_last.pt every this many iterations")
-    log_interval: int = setting(10, "print a progress line every this many iterations")
-    sample_tokens: int = setting(300, "tokens sampled from the best checkpoint at the end")
-    # system
-    device: str = setting("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting("auto",
-                                                                       checkpoint.DTYPE_HELP)
-    compile: bool = setting(False, "torch.compile the model")
-    compile_backend: Literal["inductor", "aot_eager"] = setting(
-        "inductor", "--compile's backend: inductor builds kernels; aot_eager only traces")
-    seed: int = setting(1337, "seed of the weights, the batches and dropout")
-
-    def far_tier(self):
-        """The GPTConfig fields of the chosen far mode."""
-        if self.far_mode == "latent":
-            return dict(far_mode="latent", far_latent_dim=self.far_latent_dim or None)
-        return dict(far_k_dim=self.far_k_dim, far_v_dim=self.far_v_dim)
+import train_config
 
 
 RESUME_NEEDS = ("model_config", "model", "tokenizer", "optimizer", "iter_num",
@@ -339,8 +256,8 @@ def setup(given, device, ddp, master):
     if given.get("init_from") == "resume":
         path = os.path.join(given.get("out_dir", "out"), "ckpt_last.pt")
         resumed = checkpoint.load(path, device, RESUME_NEEDS)
-    train_config = None if resumed is None else resumed["train_config"]
-    cfg = runs.settings(TrainConfig, given, device, train_config)
+    resumed_config = None if resumed is None else resumed["train_config"]
+    cfg = train_config.resolve(given, device, resumed_config)
     cfg.init_from = given.get("init_from", "scratch")
     if ddp and cfg.stage1_iters > 0:   # DDP reduces the gradients of what trains at its start
         raise ValueError("--stage1_iters is not supported with DDP")
@@ -367,7 +284,7 @@ def setup(given, device, ddp, master):
 
 
 def main(argv=None):
-    given = runs.parse_args(TrainConfig, __doc__, argv)
+    given = train_config.parse_args(__doc__, argv)
     ddp = "RANK" in os.environ
     lock = None
     try:
